@@ -1,0 +1,392 @@
+"""Merge recipes in mergekit's YAML format (the part evomerge merges): parsed, validated, written back.
+
+Every problem surfaces as one RecipeError line "file: field.path: what was expected", checked against the
+methods registered in merge_core.methods (their parameters, base policy and input counts). Unlike mergekit,
+unknown keys and parameters are errors, since a typo there would silently fall back to a default.
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import torch
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from merge_core.errors import RecipeError
+from merge_core.methods import METHODS, MergeMethod
+from merge_core.parameters import ParameterValue, dump_value, kind_error, parse_value
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
+
+# mergekit keys evomerge does not merge yet, with what to do instead.
+UNSUPPORTED = {
+    "modules": "not supported yet: merge the whole model with models: or slices:",
+    "tokenizer": "not supported yet: use tokenizer_source (base or one model's reference)",
+    "base_model": "a per-slice base_model is not supported yet: set the top-level base_model",
+    "residual_weight": "not supported yet",
+}
+
+
+def _model_ref(raw: object) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"expected a model directory or hub id (a string), got {raw!r}")
+    if "+" in raw:
+        raise ValueError(f"LoRA references (model+lora) are not supported yet: {raw!r}")
+    return raw
+
+
+def _tokenizer_source(raw: object) -> str:
+    if raw == "union":
+        raise ValueError("'union' is not supported yet: use base or one model's reference")
+    return _model_ref(raw)
+
+
+def _layer_range(raw: object) -> tuple[int, int]:
+    if not (
+        isinstance(raw, list | tuple)
+        and len(raw) == 2
+        and all(isinstance(index, int) and not isinstance(index, bool) for index in raw)
+    ):
+        raise ValueError(f"expected [start, end], two layer indices, got {raw!r}")
+    start, end = raw
+    if not 0 <= start < end:
+        raise ValueError(f"expected 0 <= start < end (end excluded), got [{start}, {end}]")
+    return start, end
+
+
+ModelRef = Annotated[str, PlainValidator(_model_ref)]
+LayerRange = Annotated[tuple[int, int], PlainValidator(_layer_range), PlainSerializer(list)]
+Value = Annotated[ParameterValue, PlainValidator(parse_value), PlainSerializer(dump_value)]
+# An empty mapping means no parameters: stored as None so that it writes back as nothing.
+Parameters = Annotated[dict[str, Value] | None, AfterValidator(lambda parameters: parameters or None)]
+DTypeName = Literal["bfloat16", "float16", "float32", "float64"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelInput(_Strict):
+    model: ModelRef
+    parameters: Parameters = None
+
+
+class SliceSource(_Strict):
+    model: ModelRef
+    layer_range: LayerRange
+    parameters: Parameters = None
+
+
+class Slice(_Strict):
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: Parameters = None
+
+
+@dataclass(frozen=True)
+class SliceInput:
+    """One input of an output slice, in either syntax."""
+
+    model: str
+    parameters: Mapping[str, ParameterValue] | None
+    path: str  # where the recipe wrote it, e.g. "models[2]", "slices[1].sources[0]", "base_model"
+    layer_range: tuple[int, int] | None  # None: every layer of the model (models: syntax)
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """A run of output layers merged from the same inputs; `models:` syntax is one slice over all layers."""
+
+    inputs: tuple[SliceInput, ...]
+    parameters: Mapping[str, ParameterValue] | None
+    path: str  # "models" or "slices[i]"
+
+
+class Recipe(_Strict):
+    name: str | None = None
+    merge_method: str
+    base_model: ModelRef | None = None
+    models: list[ModelInput] | None = Field(None, min_length=1)
+    slices: list[Slice] | None = Field(None, min_length=1)
+    parameters: Parameters = None
+    dtype: DTypeName | None = None
+    out_dtype: DTypeName | None = None
+    tokenizer_source: Annotated[str, PlainValidator(_tokenizer_source)] | None = None
+    chat_template: str | None = None
+
+    _where: str = PrivateAttr("<dict>")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "Recipe":
+        self._where = (info.context or {}).get("where", "<dict>")
+        _check_recipe(self, self._where)
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        # Where a recipe was read from is not part of it.
+        return isinstance(other, Recipe) and self.__dict__ == other.__dict__
+
+    @property
+    def where(self) -> str:
+        """The file this recipe was read from, or "<text>" / "<dict>"."""
+        return self._where
+
+    @property
+    def method(self) -> MergeMethod:
+        return _find_method(self.merge_method)
+
+    @property
+    def merge_dtype(self) -> torch.dtype | None:
+        return DTYPES.get(self.dtype)
+
+    @property
+    def save_dtype(self) -> torch.dtype | None:
+        return DTYPES.get(self.out_dtype)
+
+    def output_slices(self) -> list[OutputSlice]:
+        """The slices as mergekit merges them: `models:` becomes one slice with base_model appended last
+        when it is not listed (mergekit's input order)."""
+        if self.slices is not None:
+            return [
+                OutputSlice(
+                    tuple(
+                        SliceInput(source.model, source.parameters, f"slices[{i}].sources[{j}]", source.layer_range)
+                        for j, source in enumerate(piece.sources)
+                    ),
+                    piece.parameters,
+                    f"slices[{i}]",
+                )
+                for i, piece in enumerate(self.slices)
+            ]
+        inputs = [
+            SliceInput(entry.model, entry.parameters, f"models[{i}]", None) for i, entry in enumerate(self.models)
+        ]
+        if self.base_model is not None and self.base_model not in (entry.model for entry in self.models):
+            inputs.append(SliceInput(self.base_model, None, "base_model", None))
+        return [OutputSlice(tuple(inputs), None, "models")]
+
+    def model_refs(self) -> list[str]:
+        """Every model the merge reads, base included, in first-seen (merge input) order."""
+        refs = [source.model for piece in self.output_slices() for source in piece.inputs]
+        return list(dict.fromkeys(refs + [self.base_model] * (self.base_model is not None)))
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "<dict>") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(where, "recipe", "expected a mapping with merge_method and models: or slices:")
+        try:
+            return cls.model_validate(data, context={"where": where})
+        except ValidationError as error:
+            raise _first_error(error, where) from None
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "Recipe":
+        """Read a recipe from a file (a Path, or a str naming an existing file) or from YAML text."""
+        is_path = isinstance(source, Path) or ("\n" not in source and os.path.isfile(source))
+        if not is_path and "\n" not in source and source.strip().endswith((".yml", ".yaml")):
+            raise RecipeError(source, "file", "not found")
+        where = str(source) if is_path else "<text>"
+        try:
+            text = Path(source).read_text() if is_path else source
+        except OSError as error:
+            raise RecipeError(where, "file", f"cannot be read ({error.strerror})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f"line {mark.line + 1}" if mark else "yaml"
+            problem = " ".join(str(getattr(error, "problem", None) or error).split())
+            raise RecipeError(where, line, f"invalid YAML ({problem})") from None
+        return cls.from_dict(data, where)
+
+    def to_yaml(self) -> str:
+        """Minimal mergekit YAML: only what the recipe sets, floats at full precision."""
+        return yaml.dump(self.model_dump(mode="json", exclude_none=True), Dumper=_Dumper, sort_keys=False)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes gradients and layer ranges on one line: `weight: [0.2, 0.9]`."""
+
+    def represent_list(self, data: list) -> yaml.Node:
+        flow = all(isinstance(item, int | float) for item in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+
+
+def _find_method(name: str) -> MergeMethod | None:
+    return METHODS.get(name) or next((m for m in METHODS.values() if name in m.aliases), None)
+
+
+def _first_error(error: ValidationError, where: str) -> RecipeError:
+    """pydantic's first error as a RecipeError: dotted field path and what was expected."""
+    detail = error.errors()[0]
+    loc = [part for part in detail["loc"] if part != "[key]"]
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    kind, message = detail["type"], detail["msg"]
+    if kind == "missing":
+        expected = "required key is missing"
+    elif kind == "extra_forbidden":
+        expected = UNSUPPORTED.get(loc[-1]) or f"unknown key; expected one of {', '.join(_keys_at(loc[:-1]))}"
+    elif kind in ("dict_type", "model_type"):
+        expected = f"expected a mapping (key: value), got {detail['input']!r}"
+    elif kind == "list_type":
+        expected = f"expected a list, got {detail['input']!r}"
+    elif kind == "too_short":
+        expected = "expected at least one entry"
+    elif kind == "value_error":
+        expected = message.removeprefix("Value error, ")
+    else:
+        expected = message.replace("Input should be", "expected") + f", got {detail['input']!r}"
+    return RecipeError(where, field or "recipe", " ".join(expected.split()))
+
+
+def _keys_at(loc: list) -> list[str]:
+    """The keys allowed in the mapping at `loc` (a path of field names and list indices)."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, str):
+            model = _model_in(model.model_fields[part].annotation)
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `list[Slice] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _model_in(arg))), None)
+
+
+def _check_recipe(recipe: Recipe, where: str) -> None:
+    """What pydantic's types cannot say: the method, its inputs, and its parameters."""
+    method = recipe.method
+    if method is None:
+        raise RecipeError(
+            where, "merge_method", f"unknown method {recipe.merge_method!r}; expected one of {', '.join(METHODS)}"
+        )
+    if (recipe.models is None) == (recipe.slices is None):
+        raise RecipeError(where, "models", "expected exactly one of models: or slices:")
+    if method.base == "required" and recipe.base_model is None:
+        raise RecipeError(where, "base_model", f"required by {method.name}")
+    if recipe.tokenizer_source == "base" and recipe.base_model is None:
+        raise RecipeError(where, "tokenizer_source", "'base' needs a base_model")
+    pieces = recipe.output_slices()
+    for piece in pieces:
+        _check_inputs(piece, method, recipe.base_model, where)
+    if len(pieces[-1].inputs) > len(pieces[0].inputs):
+        # mergekit merges the post-layer tensors (final norm, lm_head) from the last slice's models but only as
+        # many as the first slice has, silently dropping the rest: refuse rather than reproduce that.
+        raise RecipeError(
+            where,
+            f"{pieces[-1].path}.sources",
+            f"has more sources than slices[0] ({len(pieces[0].inputs)}); give the first and last slice the same models",
+        )
+    _check_parameters(recipe, pieces, method, where)
+
+
+def _check_inputs(piece: OutputSlice, method: MergeMethod, base: str | None, where: str) -> None:
+    models = [source.model for source in piece.inputs]
+    for index, source in enumerate(piece.inputs):
+        if source.model in models[:index]:
+            raise RecipeError(where, f"{source.path}.model", f"{source.model!r} is already an input of this slice")
+    inputs_field = "models" if piece.path == "models" else f"{piece.path}.sources"
+    if base is not None and method.base != "ignored" and base not in models:
+        raise RecipeError(where, inputs_field, f"must include base_model {base!r}: {method.name} merges against it")
+    count = len(models)
+    if count < method.min_models or (method.max_models is not None and count > method.max_models):
+        raise RecipeError(where, inputs_field, f"{method.name} takes {_arity(method)}; got {count}")
+    non_base = count - (base in models and method.base != "ignored")
+    if method.non_base_models is not None and non_base != method.non_base_models:
+        expected = f"exactly {method.non_base_models} models besides base_model"
+        raise RecipeError(where, inputs_field, f"{method.name} takes {expected}; got {non_base}")
+    first = piece.inputs[0]
+    for source in piece.inputs[1:] if first.layer_range else ():
+        if source.layer_range[1] - source.layer_range[0] != first.layer_range[1] - first.layer_range[0]:
+            raise RecipeError(
+                where,
+                f"{source.path}.layer_range",
+                f"spans {source.layer_range[1] - source.layer_range[0]} layers but {first.path} spans "
+                f"{first.layer_range[1] - first.layer_range[0]}: every source of a slice must span as many",
+            )
+
+
+def _arity(method: MergeMethod) -> str:
+    counted = "counting base_model" if method.base != "ignored" else "per slice"
+    low, high = method.min_models, method.max_models
+    if low == high:
+        return f"exactly {low} input{'s' * (low != 1)} {counted}"
+    if high is None:
+        return f"at least {low} input{'s' * (low != 1)} {counted}"
+    return f"{low} to {high} inputs {counted}" if low > 1 else f"at most {high} input{'s' * (high != 1)} {counted}"
+
+
+def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMethod, where: str) -> None:
+    allowed = ", ".join(param.name for param in method.params)
+    scopes = [("parameters", recipe.parameters, False)]
+    scopes += [(f"{piece.path}.parameters", piece.parameters, False) for piece in pieces]
+    scopes += [(f"{source.path}.parameters", source.parameters, True) for piece in pieces for source in piece.inputs]
+    for path, parameters, per_input in scopes:
+        for name, value in (parameters or {}).items():
+            param = method.param(name)
+            if param is None:
+                raise RecipeError(
+                    where, f"{path}.{name}", f"not a parameter of {method.name}; expected one of {allowed}"
+                )
+            if per_input and not param.per_model:
+                raise RecipeError(
+                    where,
+                    f"{path}.{name}",
+                    f"{name} is one value for all inputs: set it in the top-level or slice parameters",
+                )
+            problem = kind_error(value, param)
+            if problem:
+                raise RecipeError(where, f"{path}.{name}", problem)
+
+    # Required parameters must be set somewhere each input (or slice) can read them; a filter list that
+    # matches no entry for some tensor is only found when planning.
+    def is_set(name: str, *levels: Mapping | None) -> bool:
+        return any(level and name in level for level in levels)
+
+    for param in (param for param in method.params if param.required):
+        for piece in pieces:
+            if not param.per_model:
+                if is_set(param.name, piece.parameters, recipe.parameters):
+                    continue
+                if recipe.slices is None:
+                    raise RecipeError(where, f"parameters.{param.name}", f"required by {method.name}")
+                raise RecipeError(
+                    where,
+                    f"{piece.path}.parameters.{param.name}",
+                    f"required by {method.name}: set it here or in the top-level parameters",
+                )
+            for source in piece.inputs:
+                uses_it = method.base == "ignored" or source.model != recipe.base_model
+                if not uses_it or is_set(param.name, source.parameters, piece.parameters, recipe.parameters):
+                    continue
+                if source.path == "base_model":
+                    raise RecipeError(
+                        where,
+                        "base_model",
+                        f"{method.name} reads {param.name} for every input and base_model is one: list it under "
+                        f"models: with its {param.name}, or set {param.name} in the top-level parameters",
+                    )
+                levels = "here, in the slice's parameters or" if recipe.slices is not None else "here or"
+                raise RecipeError(
+                    where,
+                    f"{source.path}.parameters.{param.name}",
+                    f"required by {method.name}: set it {levels} in the top-level parameters",
+                )

@@ -1,0 +1,119 @@
+"""MergeSession: sources loaded once and kept resident; each candidate recipe costs only its arithmetic.
+
+A search merges hundreds of recipes over the same models, so everything that does not depend on the recipe's
+numbers is done once and kept: the source tensors (on the session's device), their casts to the merge dtype,
+and each method's `prepare` output (task vectors, magnitude order). `apply` then writes a candidate straight
+into a live model's parameters, so evaluating it needs no checkpoint and no reload.
+"""
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from merge_core import architecture
+from merge_core.errors import MergeCoreError, RecipeError
+from merge_core.methods import MergeInputs
+from merge_core.plan import MergePlan, TensorJob, plan_merge
+from merge_core.recipe import Recipe
+from merge_core.sources import Checkpoint, check_compatible, load_checkpoint
+from merge_core.writer import DEFAULT_SHARD_BYTES, write_checkpoint
+
+
+class MergeSession:
+    def __init__(self, models: Sequence[str], device: str = "cpu"):
+        if not models:
+            raise MergeCoreError("MergeSession needs at least one model")
+        self.device = device
+        self.checkpoints: dict[str, Checkpoint] = {ref: load_checkpoint(ref, device) for ref in dict.fromkeys(models)}
+        check_compatible(list(self.checkpoints.values()))
+        reference = next(iter(self.checkpoints.values()))
+        self.tensor_names = list(reference.tensors)
+        self.num_layers = architecture.num_layers(self.tensor_names)
+        self._casts: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
+        self._prepared: dict[tuple, dict] = {}
+
+    def plan(self, recipe: Recipe) -> MergePlan:
+        loaded = list(self.checkpoints)
+        for ref in recipe.model_refs():
+            if ref not in self.checkpoints:
+                raise RecipeError(recipe.where, "models", f"{ref} is not loaded in this session (loaded: {loaded})")
+        return plan_merge(recipe, self.tensor_names, self.num_layers, recipe.where)
+
+    def materialize(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:
+        return dict(self.merged_tensors(self.plan(recipe), seed))
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe, model: torch.nn.Module, seed: int = 0) -> None:
+        """Overwrite `model`'s weights in place with the merge; raises on non-finite results."""
+        targets = model.state_dict(keep_vars=True)
+        for name, tensor in self.merged_tensors(self.plan(recipe), seed):
+            target = targets.get(name)
+            if target is None or target.shape != tensor.shape:
+                raise MergeCoreError(f"live model has no tensor {name} of shape {tuple(tensor.shape)}")
+            if not torch.isfinite(tensor).all():
+                raise MergeCoreError(f"merged tensor {name} has NaN or infinite values")
+            target.data.copy_(tensor)
+
+    def write(self, recipe: Recipe, out_dir: str | Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+        plan = self.plan(recipe)
+        donor = self.checkpoints[plan.base_model or plan.models[0]]
+        config = dict(donor.config, num_hidden_layers=plan.num_hidden_layers)
+        out_dtype = plan.out_dtype or plan.dtype
+        if out_dtype is not None:
+            config["dtype"] = str(out_dtype).removeprefix("torch.")
+        tokenizer_ref = recipe.tokenizer_source
+        tokenizer_dir = donor.path if tokenizer_ref in (None, "base") else self._checkpoint(tokenizer_ref, recipe).path
+        return write_checkpoint(
+            Path(out_dir),
+            self.merged_tensors(plan, seed),
+            config=config,
+            tokenizer_dir=tokenizer_dir,
+            recipe_yaml=recipe.to_yaml(),
+            shard_bytes=shard_bytes,
+        )
+
+    def merged_tensors(self, plan: MergePlan, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        method = plan.method
+        generator = None
+        jobs = plan.jobs
+        if method.random:
+            # mergekit draws masks from one seeded RNG, tensor by tensor in name order: do the same so a
+            # seed reproduces `mergekit-yaml --random-seed N` on CPU.
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+            jobs = tuple(sorted(jobs, key=lambda job: job.out_name))
+        for job in jobs:
+            tensors = [self._input(ref, name, plan.dtype) for ref, name in job.sources]
+            inputs = MergeInputs(
+                tensors=tensors,
+                base_index=job.base_index,
+                per_model={key: list(values) for key, values in job.per_model.items()},
+                shared=dict(job.shared),
+                prepared=self._prepare(plan, job, tensors),
+                generator=generator,
+                name=job.out_name,
+            )
+            merged = method.merge(inputs)
+            yield job.out_name, merged if plan.out_dtype is None else merged.to(plan.out_dtype)
+
+    def _checkpoint(self, ref: str, recipe: Recipe) -> Checkpoint:
+        if ref not in self.checkpoints:
+            raise RecipeError(recipe.where, "tokenizer_source", f"{ref} is not loaded in this session")
+        return self.checkpoints[ref]
+
+    def _input(self, ref: str, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        tensor = self.checkpoints[ref].tensors[name]
+        if dtype is None or tensor.dtype == dtype:
+            return tensor
+        key = (ref, name, dtype)
+        if key not in self._casts:
+            self._casts[key] = tensor.to(dtype)
+        return self._casts[key]
+
+    def _prepare(self, plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor]) -> dict | None:
+        if plan.method.prepare is None:
+            return None
+        key = (plan.method.name, job.sources, job.base_index, plan.dtype)
+        if key not in self._prepared:
+            self._prepared[key] = plan.method.prepare(tensors, job.base_index)
+        return self._prepared[key]

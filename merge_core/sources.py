@@ -1,0 +1,143 @@
+"""Source checkpoints: find a model's files (local directory or Hugging Face hub id) and load its tensors.
+
+Safetensors are preferred; a `.bin` checkpoint is read only through `torch.load(weights_only=True)` so that
+loading a model can never execute pickled code.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from merge_core.errors import SourceError
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+# What a merge needs from a hub repo: weights, configs and tokenizer files, nothing else.
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
+
+
+@dataclass
+class CheckpointInfo:
+    """What preflight needs: a checkpoint's config and tensor shapes, read from headers without the weights."""
+
+    ref: str  # the model reference as the recipe wrote it
+    path: Path  # local directory holding its files
+    config: dict  # config.json
+    shapes: dict[str, tuple[int, ...]]  # every weight's shape, in checkpoint order
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.config.get("vocab_size") or self.config.get("text_config", {}).get("vocab_size")
+
+
+@dataclass
+class Checkpoint(CheckpointInfo):
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """A local directory as is; otherwise a hub id fetched (or found in the cache) by huggingface_hub."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceError(f"{ref}: expected a model directory, found a file")
+    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise SourceError(f"{ref}: no such model directory")
+    from huggingface_hub import snapshot_download  # only users of hub ids pay for the import
+
+    try:
+        return Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS))
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
+        raise SourceError(f"{ref}: not a local directory and not downloadable from the hub ({err})") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors first."""
+    for index_name in (SAFETENSORS_INDEX, PYTORCH_BIN_INDEX):
+        index = path / index_name
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [path / name for name in dict.fromkeys(weight_map.values())]
+    for single in (SAFETENSORS, PYTORCH_BIN):
+        if (path / single).exists():
+            return [path / single]
+    raise SourceError(f"{path}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
+
+
+def read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(file, device=device)
+        return torch.load(file, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise SourceError(f"{file}: weight file listed in the index is missing") from None
+    except Exception as err:  # noqa: BLE001 - corrupt files must not end in a traceback
+        raise SourceError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from None
+
+
+def read_config(ref: str) -> tuple[Path, dict]:
+    path = resolve_model_dir(ref)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise SourceError(f"{ref}: no config.json in {path}")
+    return path, json.loads(config_file.read_text())
+
+
+def read_info(ref: str) -> CheckpointInfo:
+    """Config and shapes only: safetensors headers are read, .bin files must be loaded (weights_only)."""
+    path, config = read_config(ref)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(path):
+        if file.suffix != ".safetensors":
+            shapes.update({name: tuple(t.shape) for name, t in read_tensors(file, "cpu").items()})
+            continue
+        try:
+            with safe_open(file, "pt") as handle:
+                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})  # noqa: SIM118
+        except FileNotFoundError:
+            raise SourceError(f"{file}: weight file listed in the index is missing") from None
+        except Exception as err:  # noqa: BLE001 - corrupt headers must not end in a traceback
+            raise SourceError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from None
+    if not shapes:
+        raise SourceError(f"{ref}: the checkpoint holds no tensors")
+    return CheckpointInfo(ref=ref, path=path, config=config, shapes=shapes)
+
+
+def load_checkpoint(ref: str, device: str = "cpu") -> Checkpoint:
+    path, config = read_config(ref)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(path):
+        tensors.update(read_tensors(file, device))
+    if not tensors:
+        raise SourceError(f"{ref}: the checkpoint holds no tensors")
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    return Checkpoint(ref=ref, path=path, config=config, shapes=shapes, tensors=tensors)
+
+
+def check_compatible(checkpoints: Sequence[CheckpointInfo]) -> None:
+    """Preflight: every source has the same tensor names, shapes and vocab size, else name the first mismatch."""
+    reference = checkpoints[0]
+    for other in checkpoints[1:]:
+        if other.vocab_size != reference.vocab_size:
+            raise SourceError(
+                f"{other.ref}: vocab_size {other.vocab_size} differs from {reference.ref}'s {reference.vocab_size}"
+            )
+        missing = [name for name in reference.shapes if name not in other.shapes]
+        extra = [name for name in other.shapes if name not in reference.shapes]
+        if missing or extra:
+            name, where = (missing[0], "lacks") if missing else (extra[0], "has an extra")
+            raise SourceError(f"{other.ref}: {where} tensor {name} compared with {reference.ref}")
+        for name, shape in reference.shapes.items():
+            if other.shapes[name] != shape:
+                raise SourceError(
+                    f"{other.ref}: tensor {name} has shape {other.shapes[name]}, {reference.ref} has {shape}"
+                )

@@ -1,0 +1,78 @@
+"""Session fixtures: model families built once per test session and shared by every test."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def toy_family():
+    """The trained char-level toy family (test size), built once and cached across sessions."""
+    from evaluators.toy_family import build_family
+
+    return build_family(size="test")
+
+
+def save_char_tokenizer(directory) -> None:
+    """A minimal char-level tokenizer so the tiny family's checkpoints are complete HF model directories."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789 =+:")
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(directory)
+
+
+def make_tiny_family(
+    root, *, tie_embeddings: bool, children: int = 3, layers: int = 4, hidden: int = 32, vocab: int = 48
+) -> dict:
+    """A random tiny Llama base and children = base + small per-tensor deltas, like real fine-tunes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_embeddings,
+    )
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    paths = {}
+    for index, name in enumerate(["base"] + [f"child{i}" for i in range(children)]):
+        model = base if index == 0 else LlamaForCausalLM(config)
+        if index:
+            generator = torch.Generator().manual_seed(index)
+            with torch.no_grad():
+                for (_, target), (_, source) in zip(model.named_parameters(), base.named_parameters(), strict=True):
+                    noise = torch.randn(source.shape, generator=generator)
+                    target.copy_(source + 0.05 * source.std().clamp_min(0.01) * noise)
+        paths[name] = str(root / name)
+        model.save_pretrained(paths[name])
+        save_char_tokenizer(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """base, child0..child2 with untied embeddings (lm_head is its own tensor)."""
+    return make_tiny_family(tmp_path_factory.mktemp("tiny"), tie_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_family(tmp_path_factory):
+    """The same shape of family with tied embeddings (checkpoints hold no lm_head.weight)."""
+    return make_tiny_family(tmp_path_factory.mktemp("tiny_tied"), tie_embeddings=True, children=2, layers=3)
