@@ -1,0 +1,75 @@
+"""What an evaluation needs: which lm-eval tasks and metrics, and how to run the model on them.
+
+Everything lm-eval lets a user choose is a field here; nothing is hard-coded in the harness.
+"""
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+
+from evaluators.errors import EvaluatorError
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos: reject them instead of silently ignoring them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Strict):
+    task: str = Field(min_length=1)
+    # None: the task's first metric. "name,filter" picks one of the task's filter pipelines (default: first).
+    metric: str | None = None
+    # None: lm-eval's own declaration for that metric.
+    higher_is_better: bool | None = None
+    # Items scored per candidate: a fixed subset drawn with EvalConfig.subset_seed. None: every item.
+    limit: PositiveInt | None = None
+    # None: the task's own setting (0 when the task has none).
+    num_fewshot: NonNegativeInt | None = None
+
+
+class VLLMOptions(_Strict):
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
+    tensor_parallel_size: PositiveInt = 1
+    max_model_len: PositiveInt | None = None
+    enforce_eager: bool = False
+    seed: int = 1234
+    # live: load candidate weights into the running engine; reload: restart the engine from a checkpoint.
+    weight_update: Literal["live", "reload"] = "live"
+    # Candidate checkpoints go here: memory-backed so writing one costs a copy, not a disk write.
+    scratch_dir: Path = Path("/dev/shm")
+    engine_args: dict[str, Any] = {}  # passed through to vllm.LLM
+
+
+class EvalConfig(_Strict):
+    backend: Literal["hf", "vllm"] = "hf"
+    include_path: Path | None = None  # a directory of lm-eval task YAMLs
+    # None: lm-eval's built-in tasks only when no include_path is given (indexing them costs ~7 s).
+    include_defaults: bool | None = None
+    batch_size: PositiveInt | Literal["auto"] = 64
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_gen_toks: PositiveInt | None = None  # None: each generative task's own setting
+    gen_kwargs: dict[str, Any] = {}  # merged into every generative task's generation_kwargs
+    apply_chat_template: bool = False  # the tokenizer's own template (model_args may pass chat_template_args)
+    fewshot_as_multiturn: bool = False
+    system_instruction: str | None = None
+    model_args: dict[str, Any] = {}  # passed through to lm-eval's model class (HFLM or VLLM)
+    subset_seed: int = 0
+    fewshot_seed: int = 1234  # lm-eval's default
+    confirm_run_unsafe_code: bool = False  # tasks that execute model-written code refuse to run without it
+    vllm: VLLMOptions = VLLMOptions()
+
+    @property
+    def uses_defaults(self) -> bool:
+        return self.include_path is None if self.include_defaults is None else self.include_defaults
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def parse(model: type[Model], data: object, where: str) -> Model:
+    """Validate `data` (e.g. a YAML mapping read from `where`) into `model`, or raise a one-line error."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise EvaluatorError.from_validation(where, err) from None
