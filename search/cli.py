@@ -1,0 +1,137 @@
+"""The `evomerge` command line. Every user error ends as one line on stderr and exit code 2, never a traceback."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+USER_ERROR_EXIT = 2
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from merge_core import MergeSession, Recipe
+
+    recipe = Recipe.from_yaml(Path(args.recipe))
+    session = MergeSession(recipe.model_refs(), device=args.device)
+    out = session.write(recipe, args.out_dir, seed=args.seed, shard_bytes=int(args.shard_size * 1024**2))
+    print(f"wrote {out}")
+
+
+def cmd_toy_family(args: argparse.Namespace) -> None:
+    from evaluators.toy_family import build_family
+
+    skills = [s.strip() for s in args.skills.split(",")] if args.skills else None
+    options = {"skills": skills} if skills else {}
+    family = build_family(Path(args.out_dir), size=args.size, seed=args.seed, **options)
+    print(family)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from search.runner import run_search
+
+    run_search(Path(args.config), resume=args.resume)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from search.planning import plan_search
+
+    print(plan_search(Path(args.config)))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from search.export import export_recipe
+
+    text = export_recipe(Path(args.run_dir), objective=args.objective, rank=args.rank)
+    if args.out is None:
+        print(text, end="")
+        return
+    from search.report import write_text_atomically
+
+    write_text_atomically(Path(args.out), text)
+    print(f"wrote {args.out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from search.demo import run_demo
+
+    run_demo(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evomerge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    merge = commands.add_parser("merge", help="merge models from a mergekit YAML recipe into OUT_DIR")
+    merge.add_argument("recipe", help="mergekit-compatible recipe (YAML)")
+    merge.add_argument("out_dir", help="output checkpoint directory (written atomically)")
+    merge.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    merge.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA)")
+    merge.add_argument("--shard-size", type=float, default=5120, help="max shard size in MiB (default 5120)")
+    merge.set_defaults(run=cmd_merge)
+
+    run = commands.add_parser("run", help="run the merge-recipe search a search.yml describes")
+    run.add_argument("config", help="search config (YAML)")
+    run.add_argument("--resume", action="store_true", help="continue the search in the config's output_dir")
+    run.set_defaults(run=cmd_run)
+
+    plan = commands.add_parser("plan", help="validate a search.yml, time one merge and one evaluation, project the run")
+    plan.add_argument("config")
+    plan.set_defaults(run=cmd_plan)
+
+    export = commands.add_parser("export", help="write a front member of a finished search as mergekit YAML")
+    export.add_argument("run_dir")
+    export.add_argument("--out", help="file to write (default: standard output)")
+    pick = export.add_mutually_exclusive_group()
+    pick.add_argument("--objective", help="the front member best on this objective")
+    pick.add_argument("--rank", type=int, help="the K-th front member by mean search score (1 = best)")
+    export.set_defaults(run=cmd_export)
+
+    demo = commands.add_parser("demo", help="build the demo toy family, run a short search, export the best recipe")
+    demo.add_argument("--out", default="evomerge-demo", help="demo directory (default: ./evomerge-demo)")
+    demo.set_defaults(run=cmd_demo)
+
+    toy = commands.add_parser("toy-family", help="build the tiny char-level Llama family used by tests and demo")
+    toy.add_argument("out_dir")
+    toy.add_argument("--size", default="test", choices=["test", "demo"])
+    toy.add_argument("--skills", help="comma-separated skill names (2-4)")
+    toy.add_argument("--seed", type=int, default=0)
+    toy.set_defaults(run=cmd_toy_family)
+    return parser
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean bad input: shown as one line, exit code 2."""
+    from evaluators.errors import EvaluatorError
+    from merge_core.errors import MergeCoreError
+    from search.config import ConfigError
+
+    return (MergeCoreError, EvaluatorError, ConfigError, ValueError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # MLflow 3 would otherwise send usage telemetry, and Ray its usage stats: a search stays on this machine.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("EVOMERGE_DEBUG"):
+            raise
+        one_line = " ".join(str(err).split()) or type(err).__name__
+        if isinstance(err, user_errors()):
+            print(f"evomerge: error: {one_line}", file=sys.stderr)
+            return USER_ERROR_EXIT
+        print(
+            f"evomerge: internal error: {type(err).__name__}: {one_line} (EVOMERGE_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

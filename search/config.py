@@ -1,0 +1,575 @@
+"""search.yml: what to merge, what to search, how to score it, where to run it.
+
+`SearchConfig.from_yaml(path)` validates the file and fills defaults; any problem is a `ConfigError` whose
+message is ONE line naming the file, the field and what was expected, e.g.
+`search.yml: optimizer.popsize: expected an integer >= 2, got 'ten'`. Unknown keys are rejected.
+Relative paths (local models, include_path, output_dir, a relative sqlite MLflow URI) resolve against the
+config file's directory, so a config means the same thing from any working directory.
+"""
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, get_args
+
+import annotated_types
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from evaluators.config import EvalConfig, TaskSpec
+from merge_core.methods import METHODS, MergeMethod
+
+SEARCHABLE_BY_DEFAULT = ("weight", "density", "t")
+# task_arithmetic declares density (mergekit does too) but never sparsifies: searching it would waste genes.
+DENSITY_WITHOUT_EFFECT = {"task_arithmetic"}
+DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """A search config that cannot be used; str(err) is the whole one-line message."""
+
+    def __init__(self, where: str, field: str, expected: str):
+        self.where, self.field, self.expected = where, field, expected
+        super().__init__(f"{where}: {field}: {expected}")
+
+
+class FieldProblem(ValueError):
+    """Raised inside validators to blame a sub-field (dotted, relative to the model being validated)."""
+
+    def __init__(self, field: str, expected: str):
+        self.field, self.expected = field, expected
+        super().__init__(expected)
+
+
+def _got(value: Any) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _base_dir(info: ValidationInfo) -> Path:
+    return Path((info.context or {}).get("base_dir", Path.cwd()))
+
+
+def _resolve(path: str | Path, info: ValidationInfo) -> Path:
+    return (_base_dir(info) / Path(path).expanduser()).resolve()
+
+
+def _seconds(value: Any) -> Any:
+    """Durations are seconds, or a number with a unit: '90s', '30m', '2h', '1d'."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
+    if not match:
+        raise ValueError(f"expected seconds or a duration like '90s', '30m', '2h', got {_got(value)}")
+    return float(match[1]) * DURATION_UNITS[match[2]]
+
+
+Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelsConfig(Section):
+    """The base model and its fine-tunes: local directories or hub ids."""
+
+    base: str
+    fine_tunes: list[str] = Field(min_length=1)
+
+    @field_validator("base", mode="before")
+    @classmethod
+    def _resolve_base(cls, value: Any, info: ValidationInfo) -> Any:
+        return _model_ref(value, info)
+
+    @field_validator("fine_tunes", mode="before")
+    @classmethod
+    def _resolve_fine_tunes(cls, value: Any, info: ValidationInfo) -> Any:
+        return [_model_ref(ref, info) for ref in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        for index, ref in enumerate(self.fine_tunes):
+            if ref == self.base:
+                raise FieldProblem(f"fine_tunes[{index}]", f"expected a model other than the base, got {ref!r}")
+            if ref in self.fine_tunes[:index]:
+                raise FieldProblem(f"fine_tunes[{index}]", f"expected each fine-tune once, got {ref!r} twice")
+        return self
+
+
+def _model_ref(value: Any, info: ValidationInfo) -> Any:
+    """An explicit path ('./x', '../x', '/x', '~/x') or an existing relative directory is local; else a hub id."""
+    if not isinstance(value, str) or not value.strip():
+        return value  # strict str validation reports it
+    explicit = value.startswith(("./", "../", "/", "~")) or value in (".", "..")
+    local = _resolve(value, info)
+    if explicit and not local.exists():
+        raise ValueError(f"expected an existing model directory, got {value!r} ({local} does not exist)")
+    if explicit or local.exists():
+        return str(local)
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+        raise ValueError(f"expected a local directory or a hub id like 'org/name', got {value!r}")
+    return value
+
+
+class MergeConfig(Section):
+    """The merge method and the parameters that stay fixed during the search."""
+
+    method: str
+    parameters: dict[str, float | bool] = {}
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None
+
+    @property
+    def spec(self) -> MergeMethod:
+        return METHODS[self.method]
+
+
+class GenomeConfig(Section):
+    """Which parameters are searched and how finely (see search/genome.py for the layout)."""
+
+    params: list[str] | None = None  # None: whichever of weight / density / t the method has and are not fixed
+    bounds: dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]] = {}
+    layer_granularity: int = Field(1, ge=1)
+    filters: list[Annotated[str, Field(min_length=1)]] = ["self_attn", "mlp"]
+    smooth: int | None = Field(None, ge=2)  # knots per (model, param, filter), interpolated across layers
+
+    @field_validator("filters")
+    @classmethod
+    def _distinct_filters(cls, filters: list[str]) -> list[str]:
+        for index, name in enumerate(filters):
+            if name in filters[:index] or name == "*":
+                raise FieldProblem(f"[{index}]", f"expected distinct tensor-name substrings, got {name!r}")
+        return filters
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered_bounds(cls, bounds: dict[str, list[float]]) -> dict[str, list[float]]:
+        for name, (low, high) in bounds.items():
+            if not low < high:
+                raise FieldProblem(name, f"expected [lower, upper] with lower < upper, got {[low, high]}")
+        return bounds
+
+
+class OptimizerConfig(Section):
+    name: Literal["cmaes", "nsga2", "tpe", "random"] = "cmaes"
+    popsize: int | None = Field(None, ge=2)  # CMA-ES lambda / NSGA-II population; None: the library default
+    sigma0: float = Field(0.25, gt=0, le=1)  # CMA-ES initial step, as a fraction of each gene's range
+    seed: int | None = None  # None: the top-level seed
+    study_name: str = Field("search", min_length=1)
+    warm_start: bool = True  # evaluate the method's default recipes first
+
+
+class TaskConfig(Section):
+    """One lm-eval task (or group) and the metric that scores it."""
+
+    task: str = Field(min_length=1)
+    metric: str = Field(min_length=1)
+    direction: Literal["maximize", "minimize"] = "maximize"
+    num_fewshot: int | None = Field(None, ge=0)
+
+
+class FitnessConfig(Section):
+    limit: int | None = Field(None, ge=1)  # items per task; None: every item
+    subset_seed: int = 1234  # fixed, so every candidate is scored on the same items
+
+
+class HeldOutConfig(Section):
+    tasks: list[TaskConfig] = []
+    limit: int | None = Field(None, ge=1)
+
+
+class EvaluationConfig(EvalConfig):
+    """The evaluator's own options (evaluators.config.EvalConfig), plus a default num_fewshot for every task.
+
+    The subset seed lives in fitness.subset_seed, so the scored items are chosen in one place.
+    """
+
+    num_fewshot: int | None = Field(None, ge=0)  # None: each task's own setting; objectives may override
+    subset_seed: None = None  # always fitness.subset_seed (None here keeps a dumped config loadable)
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _resolve_include(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        path = _resolve(value, info)
+        if not path.is_dir():
+            raise ValueError(f"expected a directory of task YAMLs, got {value!r} ({path} is not a directory)")
+        return path
+
+    @field_validator("subset_seed", mode="before")
+    @classmethod
+    def _subset_seed_elsewhere(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        raise ValueError(f"expected it in fitness.subset_seed (one place chooses the scored items), got {_got(value)}")
+
+
+class BudgetConfig(Section):
+    trials: int | None = Field(100, ge=1)
+    wall_time: Seconds | None = None  # seconds, or '90s' / '30m' / '2h' / '1d'
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> Self:
+        if self.trials is None and self.wall_time is None:
+            raise FieldProblem("trials", "expected a trial count or a wall_time, got neither")
+        return self
+
+
+class ExecutionConfig(Section):
+    ray_address: str = "local"  # 'local' starts Ray in-process; else an address for ray.init
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    trial_timeout: Seconds = 3600.0
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+
+class TrackingConfig(Section):
+    mlflow_uri: str | None = None  # None: sqlite file mlflow.db in output_dir
+    experiment: str = Field("evomerge", min_length=1)
+
+    @field_validator("mlflow_uri", mode="before")
+    @classmethod
+    def _resolve_uri(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+            return f"sqlite:///{_resolve(value.removeprefix('sqlite:///'), info)}"
+        if "://" not in value:  # a plain path is a local MLflow file store
+            return str(_resolve(value, info))
+        return value
+
+
+class SearchConfig(Section):
+    models: ModelsConfig
+    merge: MergeConfig
+    objectives: list[TaskConfig] = Field(min_length=1)
+    genome: GenomeConfig = GenomeConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    fitness: FitnessConfig = FitnessConfig()
+    held_out: HeldOutConfig = HeldOutConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    budget: BudgetConfig = BudgetConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    output_dir: Path | None = None  # None: runs/<config file stem> next to the config
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    _where: str = PrivateAttr("<config>")
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _resolve_output(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve(value, info) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> Self:
+        self._check_method()
+        self._check_genome()
+        self._check_objectives()
+        if self.output_dir is None:
+            self.output_dir = _resolve(Path("runs") / (info.context or {}).get("stem", "search"), info)
+        if self.tracking.mlflow_uri is None:
+            self.tracking.mlflow_uri = f"sqlite:///{self.output_dir / 'mlflow.db'}"
+        if self.optimizer.seed is None:
+            self.optimizer.seed = self.seed
+        return self
+
+    def _check_method(self) -> None:
+        name = self.merge.method
+        searchable = sorted(n for n, m in METHODS.items() if _searchable(m))
+        if name not in METHODS or not _searchable(METHODS[name]):
+            raise FieldProblem("merge.method", f"expected one of {', '.join(searchable)}, got {name!r}")
+        method = self.merge.spec
+        inputs = len(self.models.fine_tunes) + (method.base != "ignored")
+        low, high = method.min_models, method.max_models
+        if inputs < low or (high is not None and inputs > high):
+            count = f"exactly {low}" if low == high else f"{low} to {high}" if high else f"at least {low}"
+            base = "" if method.base == "ignored" else ", the base included"
+            raise FieldProblem("models.fine_tunes", f"expected {count} models for {name}{base}, got {inputs}")
+        for key, value in self.merge.parameters.items():
+            param = method.param(key)
+            if param is None:
+                known = ", ".join(p.name for p in method.params)
+                raise FieldProblem(f"merge.parameters.{key}", f"expected a parameter of {name} ({known}), got {key!r}")
+            if isinstance(param.default, bool) != isinstance(value, bool):
+                kind = "true or false" if isinstance(param.default, bool) else "a number"
+                raise FieldProblem(f"merge.parameters.{key}", f"expected {kind}, got {_got(value)}")
+
+    def _check_genome(self) -> None:
+        method, genome = self.merge.spec, self.genome
+        if genome.params is None:
+            searched = _default_searched(method) - set(self.merge.parameters)  # fixed ones stay fixed
+            genome.params = [p.name for p in method.params if p.name in searched]
+        for index, name in enumerate(genome.params):
+            param = method.param(name)
+            if param is None or isinstance(param.default, bool):
+                numeric = ", ".join(p.name for p in method.params if not isinstance(p.default, bool))
+                raise FieldProblem(
+                    f"genome.params[{index}]",
+                    f"expected a numeric parameter of {method.name} ({numeric}), got {name!r}",
+                )
+            if name in genome.params[:index] or name in self.merge.parameters:
+                raise FieldProblem(
+                    f"genome.params[{index}]", f"expected {name!r} once (searched OR fixed), got it twice"
+                )
+            if name not in genome.bounds and name not in DEFAULT_BOUNDS:
+                raise FieldProblem(f"genome.bounds.{name}", f"expected [lower, upper] for searched {name!r}, got none")
+        for name in genome.bounds:
+            if name not in genome.params:
+                raise FieldProblem(
+                    f"genome.bounds.{name}", f"expected bounds only for searched {genome.params}, got {name!r}"
+                )
+        if not genome.params:
+            raise FieldProblem("genome.params", "expected at least one parameter to search, got none")
+        if genome.smooth and genome.layer_granularity != 1:
+            raise FieldProblem("genome.smooth", "expected smooth knots or layer_granularity groups, got both")
+
+    def _check_objectives(self) -> None:
+        seen = set()
+        for index, objective in enumerate(self.objectives):
+            key = (objective.task, objective.metric)
+            if key in seen:
+                raise FieldProblem(f"objectives[{index}]", f"expected each task/metric once, got {key} twice")
+            seen.add(key)
+        if len(self.objectives) > 1 and self.optimizer.name in ("cmaes", "tpe"):
+            raise FieldProblem(
+                "optimizer.name",
+                f"expected nsga2 or random for {len(self.objectives)} objectives (a Pareto search), "
+                f"got {self.optimizer.name!r}",
+            )
+        searched = {objective.task for objective in self.objectives}
+        for index, task in enumerate(self.held_out.tasks):
+            if task.task in searched:
+                raise FieldProblem(
+                    f"held_out.tasks[{index}].task",
+                    f"expected a task the search never sees, got objective {task.task!r}",
+                )
+
+    @property
+    def where(self) -> str:
+        """The file this config was read from (or what from_dict was told)."""
+        return self._where
+
+    def eval_config(self) -> EvalConfig:
+        """The evaluator's config: the evaluation section with the fitness subset seed."""
+        options = self.evaluation.model_dump(exclude={"num_fewshot", "subset_seed"})
+        return EvalConfig(**options, subset_seed=self.fitness.subset_seed)
+
+    def objective_specs(self) -> list[TaskSpec]:
+        """What the search scores, one TaskSpec per objective, limited to fitness.limit items."""
+        return [self._spec(objective, self.fitness.limit) for objective in self.objectives]
+
+    def held_out_specs(self) -> list[TaskSpec]:
+        """What only the final report scores; never seen by the search."""
+        return [self._spec(task, self.held_out.limit) for task in self.held_out.tasks]
+
+    def _spec(self, task: TaskConfig, limit: int | None) -> TaskSpec:
+        fewshot = self.evaluation.num_fewshot if task.num_fewshot is None else task.num_fewshot
+        return TaskSpec(
+            task=task.task,
+            metric=task.metric,
+            higher_is_better=task.direction == "maximize",
+            limit=limit,
+            num_fewshot=fewshot,
+        )
+
+    @property
+    def directions(self) -> list[str]:
+        """One Optuna direction per objective, in order."""
+        return [objective.direction for objective in self.objectives]
+
+    def bounds(self, param: str) -> tuple[float, float]:
+        low, high = self.genome.bounds.get(param, DEFAULT_BOUNDS.get(param))
+        return float(low), float(high)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "<config>", base_dir: Path | None = None, stem: str = "search") -> Self:
+        if not isinstance(data, dict):
+            raise ConfigError(where, "<top level>", f"expected a mapping of sections, got {_got(data)}")
+        context = {"base_dir": base_dir or Path.cwd(), "stem": stem}
+        try:
+            config = cls.model_validate(data, context=context)
+        except ValidationError as err:
+            raise _config_error(err, where) from None
+        config._where = where
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        path = Path(path)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise ConfigError(where, "<file>", f"expected a readable YAML file, got {err.strerror or err}") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+            problem = getattr(err, "problem", None) or "unparseable"
+            raise ConfigError(where, "<yaml>", f"expected valid YAML, got {problem} at {at}") from None
+        return cls.from_dict(data, where=where, base_dir=path.resolve().parent, stem=path.stem)
+
+
+def _searchable(method: MergeMethod) -> bool:
+    return bool(_default_searched(method))
+
+
+def _default_searched(method: MergeMethod) -> set[str]:
+    names = {p.name for p in method.params} & set(SEARCHABLE_BY_DEFAULT)
+    return names - {"density"} if method.name in DENSITY_WITHOUT_EFFECT else names
+
+
+# --- pydantic errors -> one line ---------------------------------------------------------------------
+
+TYPE_PHRASES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "string_pattern_mismatch": "a string matching {pattern}",
+    "literal_error": "one of {expected}",
+    "too_short": "at least {min_length} item(s)",
+    "too_long": "at most {max_length} item(s)",
+    "string_too_short": "a non-empty string",
+}
+BOUND_TYPES = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+BOUND_SYMBOLS = {
+    annotated_types.Ge: (">=", "ge"),
+    annotated_types.Gt: (">", "gt"),
+    annotated_types.Le: ("<=", "le"),
+    annotated_types.Lt: ("<", "lt"),
+}
+
+
+def _config_error(err: ValidationError, where: str) -> ConfigError:
+    # Errors at the same place are the alternatives of one union ('an integer >= 1 or one of 'auto''):
+    # explain them together, and only count the other places.
+    by_place: dict[tuple, list[dict]] = {}
+    for error in err.errors(include_url=False):
+        by_place.setdefault(tuple(p for p in error["loc"] if not _is_union_tag(p)), []).append(error)
+    loc, alternatives = next(iter(by_place.items()))
+    explained = [_explain(error, list(loc)) for error in alternatives]
+    field, expected = explained[0]
+    if len(explained) > 1 and all(e.startswith("expected ") and ", got " in e for _, e in explained):
+        phrases = [e.removeprefix("expected ").rsplit(", got ", 1)[0] for _, e in explained]
+        expected = f"expected {' or '.join(dict.fromkeys(phrases))}, got {expected.rsplit(', got ', 1)[1]}"
+    more = f" (and {len(by_place) - 1} more problem(s))" if len(by_place) > 1 else ""
+    return ConfigError(where, field, expected + more)
+
+
+UNION_TAG = re.compile(r"(constrained-)?(int|float|str|bool)|[\w-]+\[.*\]")
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the union member it tried ('int', 'constrained-int', "literal['auto']"): not a user key
+    return isinstance(part, str) and UNION_TAG.fullmatch(part) is not None
+
+
+def _path(loc: list) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text.lstrip(".") or "<top level>"
+
+
+def _explain(error: dict, loc: list) -> tuple[str, str]:
+    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
+    problem = ctx.get("error")
+    if isinstance(problem, FieldProblem):
+        joint = "" if problem.field.startswith("[") or not loc else "."
+        return (_path(loc) if loc else "") + joint + problem.field, problem.expected
+    if kind == "value_error":
+        return _path(loc), str(problem) if problem else error["msg"]
+    if kind == "missing":
+        return _path(loc), "expected a value, got nothing (this field is required)"
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_model_at(loc[:-1]).model_fields) if _model_at(loc[:-1]) else "none"
+        return _path(loc), f"unknown key; expected one of: {allowed}"
+    if kind in BOUND_TYPES:
+        phrase = "an integer" if int in _field_types(loc) else "a number"
+    else:
+        phrase = TYPE_PHRASES.get(kind, error["msg"]).format(**ctx)
+    numeric = kind in BOUND_TYPES or kind.startswith(("int_", "float_"))
+    return _path(loc), f"expected {phrase}{_bounds_of(loc) if numeric else ''}, got {_got(value)}"
+
+
+def _model_at(loc: list) -> type[BaseModel] | None:
+    """The config model class found at `loc` (list indices step into item types)."""
+    model: Any = SearchConfig
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = _inner_model(field.annotation) if field else None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_at(loc: list) -> FieldInfo | None:
+    if not loc or isinstance(loc[-1], int):
+        return None
+    parent = _model_at(loc[:-1])
+    return parent.model_fields.get(loc[-1]) if parent else None
+
+
+def _field_types(loc: list) -> set:
+    """Every type named in the field's annotation, through unions and Annotated."""
+    field = _field_at(loc)
+    found, pending = set(), [field.annotation] if field else []
+    while pending:
+        annotation = pending.pop()
+        found.add(annotation)
+        pending += get_args(annotation)
+    return found
+
+
+def _bounds_of(loc: list) -> str:
+    """' >= 2' style suffix from the numeric constraints declared on the field at `loc`."""
+    field = _field_at(loc)
+    metadata = list(field.metadata) if field else []
+    for arg in get_args(field.annotation) if field else ():  # constraints inside `Annotated[...] | None`
+        for item in getattr(arg, "__metadata__", ()):
+            metadata += getattr(item, "metadata", [item])
+    parts = []
+    for item in metadata:
+        for kind, (symbol, attribute) in BOUND_SYMBOLS.items():
+            if isinstance(item, kind):
+                parts.append(f"{symbol} {getattr(item, attribute)}")
+    return " " + " and ".join(parts) if parts else ""

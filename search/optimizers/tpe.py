@@ -1,0 +1,13 @@
+"""TPE (Optuna): a model-based single-objective search."""
+
+from pathlib import Path
+
+import optuna
+
+from search.config import OptimizerConfig
+from search.genome import Genome
+from search.optimizers.base import Optimizer, SamplerOptimizer
+
+
+def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, run_dir: Path) -> Optimizer:
+    return SamplerOptimizer(study, genome, optuna.samplers.TPESampler(seed=seed))

@@ -1,0 +1,87 @@
+"""Starting and stopping Ray for a search run: loopback-only locally, or joining a cluster by address.
+
+Local defaults, and why:
+- `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` is what makes a local Ray bind 127.0.0.1 instead of the machine's
+  address and `::` (`_node_ip_address="127.0.0.1"` is silently rewritten, see shared/notes/stack.md).
+- Token auth stays on: loopback ports are still reachable by every local user, and a Ray port runs arbitrary
+  code. Instead of Ray's default `~/.ray/auth_token` (a file outside the run, shared by every run of the user)
+  each driver process gets a fresh random token in `RAY_AUTH_TOKEN`, which Ray's processes inherit; a token
+  or auth mode the user already set in the environment wins.
+- Ray puts Unix sockets under its temp dir and socket paths are limited to ~107 bytes, so the session files
+  live in a short `/tmp/evomerge-ray-<hash of run dir>` directory; `<run dir>/ray` links to it.
+"""
+
+import hashlib
+import ipaddress
+import os
+import secrets
+from pathlib import Path
+
+import ray
+import ray.util
+from ray._private import ray_constants
+
+SHORT_TEMP_ROOT = Path("/tmp")
+AUTH_ENV_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def ray_temp_dir(run_dir: Path) -> Path:
+    """The short, per-user, per-run directory Ray keeps its session files (and sockets) in."""
+    key = f"{os.getuid()}:{Path(run_dir).resolve()}"
+    return SHORT_TEMP_ROOT / f"evomerge-ray-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def start_ray(address: str | None, run_dir: Path, num_cpus: int | None, object_store_mb: int = 100) -> None:
+    """Start a loopback-only local Ray (address=None) or join the cluster at `address`. Idempotent.
+
+    num_cpus=None sizes a local Ray to the machine's cores; GPUs are detected by Ray itself.
+    """
+    if ray.is_initialized():
+        return
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    if address is not None:
+        # The cluster decides its own listeners, resources and auth; we only connect.
+        ray.init(address=address)
+        return
+    # Ray reads this flag once, at import: set it for the processes Ray spawns, and for this process,
+    # where ray is already imported, set the constant it was read into.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    if not any(name in os.environ for name in AUTH_ENV_VARS):
+        # Ray turns token mode on by itself for a new local cluster (and refreshes its cached config);
+        # setting the mode here would come too late for a config Ray read at import.
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    temp_dir = prepare_temp_dir(Path(run_dir))
+    ray.init(
+        num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
+        object_store_memory=object_store_mb * 1024**2,
+        include_dashboard=False,
+        _temp_dir=str(temp_dir),
+    )
+    node_ip = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(node_ip).is_loopback:
+        # The flag above is how this Ray version keeps off the network; fail loudly if it stops working.
+        stop_ray()
+        raise RuntimeError(f"local Ray bound {node_ip}, not 127.0.0.1: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was ignored")
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this process started or joined. A no-op when none is running."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def prepare_temp_dir(run_dir: Path) -> Path:
+    """Create the short temp dir (private to this user) and record it as the `<run dir>/ray` symlink."""
+    temp_dir = ray_temp_dir(run_dir)
+    temp_dir.mkdir(mode=0o700, exist_ok=True)
+    # /tmp is shared: refuse a directory someone else created at our name (or a symlink planted there).
+    if temp_dir.is_symlink() or temp_dir.stat().st_uid != os.getuid():
+        raise RuntimeError(f"{temp_dir}: Ray temp dir is not a directory owned by this user; remove it and retry")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    link = run_dir / "ray"
+    if link.is_symlink() and link.readlink() != temp_dir:
+        link.unlink()
+    if not link.is_symlink():
+        link.symlink_to(temp_dir, target_is_directory=True)
+    return temp_dir

@@ -1,0 +1,380 @@
+"""MLflow tracking for a search: one parent run per search, one nested child run per trial.
+
+Everything goes through `MlflowClient` (no fluent global "active run"), one batched call per trial. The parent
+run id lives in RUN_DIR/tracking.json so a resumed search continues under the same parent, and child runs are
+found again by their trial tag, so logging a trial twice updates its run instead of adding a duplicate.
+"""
+
+import csv
+import io
+import json
+import logging
+import re
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from search.report import HeldoutRow, format_table, write_json_atomically
+from search.statistics import DIRECTIONS
+
+TRACKING_FILE = "tracking.json"
+TRIAL_TAG = "evomerge.trial"  # how a resumed search finds a trial's child run again
+STATUS_TAG = "evomerge.status"
+ERROR_TAG = "evomerge.error"
+RESUMES_TAG = "evomerge.resumes"
+PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
+TIME_METRICS = ("merge_s", "eval_s")
+RUN_STATUS = {"complete": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+VERSIONED_PACKAGES = ("evomerge", "torch", "transformers", "lm_eval", "mergekit", "mlflow")
+# MLflow's per-call limits: params and tags 100 each, 1000 entities in all.
+BATCH_PARAMS, BATCH_TAGS, BATCH_METRICS = 100, 100, 800
+
+
+def metric_key(name: str) -> str:
+    """A name MLflow accepts as a metric or param key: lm-eval's 'acc,none' becomes 'acc_none'."""
+    return re.sub(r"[^/\w.\- :]", "_", name)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'optimizer.popsize': '8', 'models.0.path': '...'}; the YAML artifact keeps the rest."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        elif isinstance(value, list | tuple) and any(isinstance(item, Mapping) for item in value):
+            flat |= flatten({str(i): item for i, item in enumerate(value)}, f"{name}.")
+        else:
+            flat[metric_key(name)] = str(value)[:MAX_PARAM_VAL_LENGTH]
+    return flat
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue  # mergekit is a test-only oracle; evomerge may run from a source tree
+    return versions
+
+
+def _to_csv(records: Sequence[Mapping[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return out.getvalue()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Tracker:
+    """A search's MLflow runs. Call `start` first; every other logging method needs the parent run."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_dir: Path):
+        self.tracking_uri, self.experiment, self.run_dir = tracking_uri, experiment, Path(run_dir)
+        # MLflow logs database creation and migrations at INFO on the user's terminal: nothing they must act on.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        self.client = MlflowClient(tracking_uri)
+        self.parent_run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._children: dict[int, str] = {}  # trial number -> child run id
+        self.trial_scores: dict[int, dict[str, float]] = {}  # complete trials, resumed ones too: metric key -> score
+
+    # -- the parent run -------------------------------------------------------------------------------------
+    def start(
+        self, run_name: str, config: Mapping[str, Any], tags: Mapping[str, str] | None = None, resume: bool = False
+    ) -> str:
+        """Open the search's parent run and return its id.
+
+        `config` is plain data (SearchConfig.model_dump(mode="json")). A new parent gets it as flattened params
+        (the seed among them) and as config.yaml, plus the package versions. With resume=True and a
+        RUN_DIR/tracking.json, the recorded parent is re-opened instead (its config params stay those the search
+        started with); without that file a new parent starts.
+        """
+        state_file = self.run_dir / TRACKING_FILE
+        if resume and state_file.exists():
+            return self._reopen(state_file, tags or {})
+        self.experiment_id = self._experiment_id()
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
+        self.parent_run_id = run.info.run_id
+        self._children, self.trial_scores = {}, {}
+        versions = {f"version.{package}": version for package, version in package_versions().items()}
+        self._log_batch(self.parent_run_id, params=flatten(config) | versions)
+        self.client.log_text(self.parent_run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
+        write_json_atomically(
+            state_file,
+            {
+                "tracking_uri": self.tracking_uri,
+                "experiment_id": self.experiment_id,
+                "parent_run_id": self.parent_run_id,
+            },
+        )
+        return self.parent_run_id
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+        if experiment.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"{self.tracking_uri}: experiment {self.experiment!r} is deleted: restore it "
+                f"(mlflow experiments restore) or set tracking.experiment to another name"
+            )
+        return experiment.experiment_id
+
+    def _artifact_location(self) -> str | None:
+        """Artifacts of a sqlite store go beside the database, not into ./mlruns of whatever cwd we run in."""
+        if not self.tracking_uri.startswith("sqlite:///"):
+            return None  # a file store keeps them inside itself; a server decides for itself
+        database = Path(self.tracking_uri.removeprefix("sqlite:///")).resolve()
+        return (database.parent / "mlartifacts").as_uri()
+
+    def _reopen(self, state_file: Path, tags: Mapping[str, str]) -> str:
+        try:
+            state = json.loads(state_file.read_text())
+            recorded_uri, parent = state["tracking_uri"], state["parent_run_id"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{state_file}: expected JSON with tracking_uri and parent_run_id ({err}); delete it to track anew"
+            ) from None
+        if recorded_uri != self.tracking_uri:
+            raise ValueError(
+                f"{state_file}: tracking_uri: this search was tracked at {recorded_uri}, not {self.tracking_uri}; "
+                f"resume with the same tracking URI"
+            )
+        try:
+            run = self.client.get_run(parent)
+        except MlflowException:
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":
+            raise ValueError(f"{state_file}: parent_run_id: run {parent} not found at {self.tracking_uri}")
+        self.parent_run_id, self.experiment_id = parent, run.info.experiment_id
+        # A killed search leaves its parent RUNNING or FAILED; either way it is running again now.
+        self.client.update_run(parent, status="RUNNING")
+        resumes = int(run.data.tags.get(RESUMES_TAG, "0")) + 1
+        self._log_batch(parent, tags=dict(tags) | {RESUMES_TAG: str(resumes)})
+        self._load_children()
+        return parent
+
+    def _load_children(self) -> None:
+        self._children, self.trial_scores = {}, {}
+        token = None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+                max_results=1000,
+                page_token=token,
+            )
+            for run in page:
+                trial = int(run.data.tags[TRIAL_TAG])
+                self._children.setdefault(trial, run.info.run_id)
+                if run.data.tags.get(STATUS_TAG) == "complete":
+                    self.trial_scores[trial] = {k: v for k, v in run.data.metrics.items() if k not in TIME_METRICS}
+            token = page.token
+            if not token:
+                return
+
+    def _parent(self) -> str:
+        if self.parent_run_id is None:
+            raise RuntimeError("Tracker.start() must be called before logging")
+        return self.parent_run_id
+
+    def _log_batch(
+        self,
+        run_id: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, str] | None = None,
+        step: int = 0,
+    ) -> None:
+        now = _now_ms()
+        param_list = [Param(k, v) for k, v in (params or {}).items()]
+        metric_list = [Metric(metric_key(k), float(v), now, step) for k, v in (metrics or {}).items()]
+        tag_list = [RunTag(k, v[:MAX_TAG_VAL_LENGTH]) for k, v in (tags or {}).items()]
+        while param_list or metric_list or tag_list:
+            self.client.log_batch(
+                run_id,
+                params=param_list[:BATCH_PARAMS],
+                metrics=metric_list[:BATCH_METRICS],
+                tags=tag_list[:BATCH_TAGS],
+            )
+            param_list, metric_list = param_list[BATCH_PARAMS:], metric_list[BATCH_METRICS:]
+            tag_list = tag_list[BATCH_TAGS:]
+
+    def log_step(self, step: int, best: Mapping[str, float], hypervolume: float) -> None:
+        """Best-so-far per objective and the front's hypervolume, on the parent at `step`."""
+        metrics = {f"best/{name}": value for name, value in best.items()} | {"hypervolume": hypervolume}
+        self._log_batch(self._parent(), metrics=metrics, step=step)
+
+    def finish(self, status: Literal["complete", "failed", "killed"] = "complete") -> None:
+        self.client.set_terminated(self._parent(), RUN_STATUS[status])
+
+    # -- trials ---------------------------------------------------------------------------------------------
+    def log_trial(
+        self,
+        number: int,
+        params: Mapping[str, float],
+        recipe_yaml: str,
+        scores: Mapping[str, float] | None,
+        status: Literal["complete", "failed"],
+        merge_s: float,
+        eval_s: float,
+        error: str | None = None,
+    ) -> str:
+        """One child run per trial number: genes as params, scores and seconds as metrics, the recipe as YAML.
+
+        Logging a number again (a resumed search replaying its last trials) updates the same child run. The
+        genes must be the same as before: MLflow params cannot change, and a replay that changes them is a bug.
+        """
+        if status not in ("complete", "failed"):
+            raise ValueError(f"log_trial: status: expected 'complete' or 'failed', got {status!r}")
+        parent = self._parent()
+        run_id = self._children.get(number)
+        if run_id is None:
+            # Backdate the start so the UI's duration column shows the trial's own merge + evaluation time.
+            started = _now_ms() - int((merge_s + eval_s) * 1000)
+            run = self.client.create_run(
+                self.experiment_id,
+                start_time=started,
+                run_name=f"trial-{number}",
+                tags={PARENT_TAG: parent, TRIAL_TAG: str(number)},
+            )
+            run_id = self._children[number] = run.info.run_id
+        elif error is None:
+            self._delete_tag(run_id, ERROR_TAG)  # a replay that succeeded must not keep the old error
+        tags = {STATUS_TAG: status} | ({ERROR_TAG: error} if error else {})
+        score_metrics = {metric_key(name): value for name, value in (scores or {}).items()}
+        try:
+            self._log_batch(
+                run_id,
+                params={metric_key(k): repr(float(v)) for k, v in params.items()},
+                metrics=score_metrics | {"merge_s": merge_s, "eval_s": eval_s},
+                tags=tags,
+            )
+        except MlflowException as err:
+            if "Changing param values is not allowed" not in err.message:
+                raise
+            raise ValueError(
+                f"trial {number}: already logged in MLflow run {run_id} with other gene values; "
+                f"a resumed search must replay the same genome for the same trial number"
+            ) from None
+        self.client.log_text(run_id, recipe_yaml, "recipe.yaml")
+        self.client.set_terminated(run_id, RUN_STATUS[status])
+        if status == "complete" and score_metrics:
+            self.trial_scores[number] = score_metrics
+        else:
+            self.trial_scores.pop(number, None)
+        return run_id
+
+    def _delete_tag(self, run_id: str, key: str) -> None:
+        try:
+            self.client.delete_tag(run_id, key)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+
+    # -- the front and the held-out comparison ---------------------------------------------------------------
+    def log_front(
+        self, rows: Sequence[Mapping[str, Any]], objectives: Sequence[str], directions: Sequence[str]
+    ) -> None:
+        """The Pareto front on the parent: front.csv, front.png and front/trial-N.yaml per member.
+
+        Each row needs 'trial' and a value per objective; an optional 'recipe' holds the recipe YAML text, and
+        any other scalar keys (held-out scores, say) become more CSV columns. Calling it again replaces
+        front.csv and front.png; recipe files of trials that left the front stay, front.csv is the truth.
+        """
+        parent = self._parent()
+        if len(directions) != len(objectives) or not set(directions) <= set(DIRECTIONS):
+            raise ValueError(
+                f"log_front: expected one of {DIRECTIONS} per objective {list(objectives)}, got {list(directions)}"
+            )
+        records = []
+        for row in rows:
+            missing = [key for key in ("trial", *objectives) if key not in row]
+            if missing:
+                raise ValueError(f"log_front: row {dict(row)!r}: missing {missing}")
+            record = {key: value for key, value in row.items() if key != "recipe"}
+            if "recipe" in row:
+                record["recipe"] = f"front/trial-{row['trial']}.yaml"
+                self.client.log_text(parent, row["recipe"], record["recipe"])
+            records.append(record)
+        self.client.log_text(parent, _to_csv(records), "front.csv")
+        figure = plot_front(self.trial_scores, records, objectives, directions)
+        self.client.log_figure(parent, figure, "front.png")
+
+    def log_heldout(self, rows: Sequence[HeldoutRow]) -> None:
+        """The held-out comparison: heldout.csv, the terminal table as heldout.txt, and scores as metrics."""
+        parent = self._parent()
+        self.client.log_text(parent, _to_csv([row.as_record() for row in rows]), "heldout.csv")
+        self.client.log_text(parent, format_table(rows) + "\n", "heldout.txt")
+        self._log_batch(parent, metrics={f"heldout/{row.entry}/{row.task}": row.score for row in rows})
+
+    def ui_command(self) -> str:
+        """The shell command that serves this search's runs on http://127.0.0.1:5000 (loopback only)."""
+        uri = self.tracking_uri
+        if uri.startswith(("http://", "https://")):
+            return f"python -m webbrowser {shlex.quote(uri)}"  # a server already shows it
+        if uri.startswith("sqlite:///"):
+            uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+        elif "://" not in uri:
+            uri = str(Path(uri).resolve())
+        # Job execution would start ~10 server processes (~1.9 GiB) that browsing runs never needs.
+        return (
+            f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {shlex.quote(uri)} "
+            "--host 127.0.0.1 --port 5000"
+        )
+
+
+def plot_front(
+    trial_scores: Mapping[int, Mapping[str, float]],
+    front: Sequence[Mapping[str, Any]],
+    objectives: Sequence[str],
+    directions: Sequence[str],
+) -> Figure:
+    """1 objective: every trial and the best-so-far curve by trial number. 2 or more: every trial on the first two
+    objectives with the front highlighted (a projection when there are more than two)."""
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")  # no pyplot: no global state, no GUI backend
+    axes = figure.add_subplot()
+    keys = [metric_key(name) for name in objectives]
+    trials = sorted(number for number, scores in trial_scores.items() if all(k in scores for k in keys))
+    values = np.array([[trial_scores[t][k] for k in keys] for t in trials]).reshape(len(trials), len(keys))
+    front_values = np.array([[float(row[name]) for name in objectives] for row in front]).reshape(len(front), -1)
+    if len(objectives) == 1:
+        accumulate = np.maximum.accumulate if directions[0] == "maximize" else np.minimum.accumulate
+        axes.scatter(trials, values[:, 0], s=12, color="0.6", label="trials")
+        if trials:
+            axes.step(trials, accumulate(values[:, 0]), where="post", color="C0", label="best so far")
+        axes.scatter([row["trial"] for row in front], front_values[:, 0], s=60, marker="*", color="C3", label="best")
+        axes.set_xlabel("trial")
+        axes.set_ylabel(f"{objectives[0]} ({directions[0]})")
+    else:
+        axes.scatter(values[:, 0], values[:, 1], s=12, color="0.6", label="trials")
+        if len(objectives) == 2:  # joining the front only means something when it lives in these two axes
+            line = front_values[np.argsort(front_values[:, 0])]
+            axes.plot(line[:, 0], line[:, 1], color="C3", linewidth=1)
+        axes.scatter(front_values[:, 0], front_values[:, 1], s=40, color="C3", label="Pareto front", zorder=3)
+        axes.set_xlabel(f"{objectives[0]} ({directions[0]})")
+        axes.set_ylabel(f"{objectives[1]} ({directions[1]})")
+    projection = f", first 2 of {len(objectives)} objectives" if len(objectives) > 2 else ""
+    axes.set_title(f"{len(trials)} complete trials, {len(front)} on the front{projection}", fontsize="small")
+    axes.legend(loc="best", fontsize="small")
+    return figure

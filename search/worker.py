@@ -1,0 +1,93 @@
+"""The candidate worker: one per Ray actor. Sources, a live model and the evaluators are loaded once; each
+candidate then costs one in-memory merge written into the live model's weights, and one lm-eval pass."""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from evaluators import EvalConfig, Evaluator, TaskSpec
+from merge_core import MergeCoreError, MergeSession, Recipe
+
+SEARCH, HELDOUT = "search", "heldout"
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    models: tuple[str, ...]  # every source a candidate may use; the first is the live model's skeleton
+    device: str
+    eval_config: EvalConfig
+    search_tasks: tuple[TaskSpec, ...]
+    heldout_tasks: tuple[TaskSpec, ...]
+    threads: int | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    recipe_yaml: str
+    seed: int
+    split: str = SEARCH  # SEARCH or HELDOUT
+
+
+@dataclass(frozen=True)
+class JobResult:
+    scores: dict[str, float]  # task -> metric value
+    per_item: dict[str, list[float]]  # task -> per-item scores, for paired statistics
+    merge_s: float
+    eval_s: float
+
+
+class CandidateWorker:
+    def __init__(self, spec: WorkerSpec):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        # 'auto' is resolved here, not by the driver: on a cluster the worker's node decides what it has
+        self.device = "cuda" if spec.device == "auto" and torch.cuda.is_available() else spec.device
+        if self.device == "auto":
+            self.device = "cpu"
+        self.session = MergeSession(list(spec.models), device=self.device)
+        skeleton = self.session.checkpoints[spec.models[0]].path
+        self.evaluators = {
+            SEARCH: Evaluator(spec.eval_config, spec.search_tasks),
+            HELDOUT: Evaluator(spec.eval_config, spec.heldout_tasks),
+        }
+        if spec.eval_config.backend == "vllm":
+            from evaluators.vllm_backend import vllm_lm
+
+            self.model = None
+            self.lm = vllm_lm(skeleton, spec.eval_config)
+            return
+        from evaluators import hf_lm
+
+        tokenizer = AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            skeleton, dtype="auto", trust_remote_code=spec.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self.lm = hf_lm(self.model, tokenizer, spec.eval_config)
+
+    def run(self, job: Job) -> JobResult:
+        recipe = Recipe.from_yaml(job.recipe_yaml)
+        start = time.perf_counter()
+        if self.model is not None:
+            self.session.apply(recipe, self.model, seed=job.seed)
+        else:
+            from evaluators.vllm_backend import load_candidate
+
+            tensors = self.session.materialize(recipe, seed=job.seed)
+            bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+            if bad:
+                raise MergeCoreError(f"merged tensor {bad} has NaN or infinite values")
+            load_candidate(self.lm, tensors, self.spec.eval_config)
+        merged = time.perf_counter()
+        scores = self.evaluators[job.split].evaluate(self.lm)
+        return JobResult(
+            scores={task: score.value for task, score in scores.items()},
+            per_item={task: score.per_item for task, score in scores.items()},
+            merge_s=merged - start,
+            eval_s=time.perf_counter() - merged,
+        )

@@ -1,0 +1,190 @@
+"""The search end to end on the toy test family: real Ray, Optuna, MLflow, lm-eval and mergekit as the oracle."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+
+from merge_core import MergeSession, Recipe
+from search.cli import main
+from search.export import export_recipe
+from search.report import read_summary
+from search.runner import run_search
+
+EVOMERGE = Path(sys.executable).parent / "evomerge"
+
+
+def write_config(path: Path, family, **overrides) -> Path:
+    skills = list(family.children)
+    config = {
+        "models": {"base": str(family.base), "fine_tunes": [str(family.children[s]) for s in skills]},
+        "merge": {"method": "ties"},
+        "objectives": [{"task": "toy_search", "metric": "acc"}],
+        "held_out": {"tasks": [{"task": family.test_tasks[s], "metric": "acc"} for s in skills], "limit": 60},
+        "fitness": {"limit": 40},
+        "evaluation": {"include_path": str(family.tasks_dir), "batch_size": 128},
+        "optimizer": {"name": "cmaes", "popsize": 4},
+        "budget": {"trials": 6},
+        "execution": {"workers": 1, "trial_timeout": 300},
+        "output_dir": str(path.parent / "run"),
+        "seed": 3,
+    }
+    for key, value in overrides.items():
+        config[key] = value if not isinstance(value, dict) else {**config.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def study_states(run_dir: Path) -> dict[int, str]:
+    with sqlite3.connect(run_dir / "optuna.db") as db:
+        return dict(db.execute("select number, state from trials"))
+
+
+@pytest.fixture(scope="module")
+def cmaes_run(toy_family, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("cmaes") / "search.yml", toy_family)
+    summary = run_search(config)
+    return config, summary
+
+
+def test_cmaes_search_completes_and_reports(cmaes_run):
+    config, summary = cmaes_run
+    run_dir = config.parent / "run"
+    assert summary.trials.complete + summary.trials.failed == 6
+    assert list(study_states(run_dir).values()).count("COMPLETE") == summary.trials.complete >= 5
+    assert summary.best is not None and summary.best.search["toy_search"] >= max(
+        m.search["toy_search"] for m in summary.front
+    )
+    names = {p.name for p in summary.parents} | {b.name for b in summary.baselines}
+    assert {"base", "srt", "rev", "cae", "ties d=0.5 w=1", "task arithmetic λ=1"} <= names
+    assert any(name.startswith("task arithmetic λ=") and "tuned" in name for name in names)
+    for entry in [*summary.parents, *summary.baselines]:
+        assert 0.0 <= entry.heldout["average"] <= 1.0
+    assert summary.best.vs_parent is not None and summary.best.vs_parent.low <= summary.best.vs_parent.high
+    assert (run_dir / "best.yml").read_text().startswith("# evolved by evomerge")
+
+    tracking = json.loads((run_dir / "tracking.json").read_text())
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracking["parent_run_id"]]
+    assert len(children) == 6
+    assert all("toy_search" in r.data.metrics or r.data.tags["evomerge.status"] == "failed" for r in children)
+
+
+def test_export_reproduces_the_scored_candidate_with_mergekit(cmaes_run, tmp_path):
+    config, summary = cmaes_run
+    run_dir = config.parent / "run"
+    out_file = tmp_path / "best.yml"
+    assert main(["export", str(run_dir), "--out", str(out_file)]) == 0
+    assert out_file.read_text() == export_recipe(run_dir)
+    scored = Recipe.from_yaml(run_dir / summary.best.recipe)
+    assert Recipe.from_yaml(out_file) == scored
+    merged_dir = tmp_path / "merged"
+    subprocess.run(
+        [Path(sys.executable).parent / "mergekit-yaml", out_file, merged_dir, "--random-seed", "3"],
+        check=True,
+        capture_output=True,
+    )
+    from safetensors.torch import load_file
+
+    theirs = load_file(merged_dir / "model.safetensors")
+    ours = MergeSession(scored.model_refs()).materialize(scored, seed=3)
+    assert sorted(theirs) == sorted(ours)
+    assert all(torch.equal(theirs[name], ours[name]) for name in ours)
+
+
+def test_export_rank_and_objective_choices(cmaes_run):
+    config, summary = cmaes_run
+    run_dir = config.parent / "run"
+    assert export_recipe(run_dir, rank=1) == export_recipe(run_dir)
+    assert export_recipe(run_dir, objective="toy_search") == export_recipe(run_dir)
+    with pytest.raises(ValueError, match="--rank"):
+        export_recipe(run_dir, rank=len(summary.front) + 1)
+    with pytest.raises(ValueError, match="--objective"):
+        export_recipe(run_dir, objective="nope")
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "objectives"),
+    [("nsga2", "per_skill"), ("tpe", "group"), ("random", "group")],
+)
+def test_other_optimizers(optimizer, objectives, toy_family, tmp_path):
+    tasks = (
+        [{"task": t, "metric": "acc"} for t in toy_family.search_tasks.values()]
+        if objectives == "per_skill"
+        else [{"task": "toy_search", "metric": "acc"}]
+    )
+    config = write_config(
+        tmp_path / "search.yml",
+        toy_family,
+        objectives=tasks,
+        optimizer={"name": optimizer, "popsize": 4},
+        budget={"trials": 5},
+        held_out={"tasks": [{"task": toy_family.test_tasks["srt"], "metric": "acc"}], "limit": 30},
+    )
+    summary = run_search(config)
+    assert summary.trials.complete == 5
+    assert summary.front and all(len(m.search) == len(tasks) for m in summary.front)
+
+
+def test_failing_candidates_are_recorded_and_the_search_goes_on(toy_family, tmp_path):
+    """DELLA needs density ± epsilon inside (0, 1): most densities in [0.02, 0.98] break it, defaults do not."""
+    config = write_config(
+        tmp_path / "search.yml",
+        toy_family,
+        merge={"method": "della", "parameters": {"epsilon": 0.1}},
+        genome={"bounds": {"density": [0.02, 0.98]}},
+        optimizer={"name": "random"},
+        budget={"trials": 6},
+    )
+    summary = run_search(config)
+    run_dir = tmp_path / "run"
+    states = study_states(run_dir)
+    assert summary.trials.failed >= 1 and summary.trials.complete >= 1
+    assert list(states.values()).count("FAIL") == summary.trials.failed
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    failed = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`evomerge.status` = 'failed'", output_format="list"
+    )
+    assert failed and all("density" in r.data.tags["evomerge.error"] for r in failed)
+
+
+def test_resume_after_sigkill_loses_and_repeats_nothing(toy_family, tmp_path):
+    config = write_config(tmp_path / "search.yml", toy_family, optimizer={"name": "random"}, budget={"trials": 8})
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(
+        [EVOMERGE, "run", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if (run_dir / "optuna.db").exists() and list(study_states(run_dir).values()).count("COMPLETE") >= 3:
+            break
+        assert first.poll() is None, first.stdout.read().decode()
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and every Ray process it started, as a crash would
+    first.wait()
+    before = {n: s for n, s in study_states(run_dir).items() if s == "COMPLETE"}
+    assert len(before) >= 3
+    parent = json.loads((run_dir / "tracking.json").read_text())["parent_run_id"]
+
+    result = subprocess.run([EVOMERGE, "run", config, "--resume"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    after = study_states(run_dir)
+    assert all(after[n] == "COMPLETE" for n in before)  # nothing finished was lost
+    summary = read_summary(run_dir)
+    assert summary.trials.complete + summary.trials.failed == 8  # the budget counts the first session's trials
+    assert json.loads((run_dir / "tracking.json").read_text())["parent_run_id"] == parent
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    trial_tags = [r.data.tags["evomerge.trial"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(trial_tags) == len(set(trial_tags))  # no trial logged twice
