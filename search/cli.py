@@ -104,8 +104,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from evaluators.errors import EvaluatorError
     from merge_core.errors import MergeCoreError
     from search.config import ConfigError
+    from search.execution import WorkerStartError
 
-    return (MergeCoreError, EvaluatorError, ConfigError, ValueError, FileNotFoundError)
+    return (MergeCoreError, EvaluatorError, ConfigError, WorkerStartError, ValueError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from search.report import (
     heldout_scores,
     write_json_atomically,
     write_summary,
+    write_text_atomically,
 )
 from search.statistics import hypervolume, pareto_front
 from search.tracking import Tracker
@@ -52,6 +53,7 @@ STORAGE_FILE = "optuna.db"
 BEST_FILE = "best.yml"
 RECIPES_DIR = "recipes"
 HELDOUT_ITEMS = "heldout_items.json"
+REPORT_FILE = "report.md"  # the held-out table the run ends by printing
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,7 @@ class Search:
         )
         if rows:
             self.tracker.log_heldout(rows)
+        write_text_atomically(self.run_dir / REPORT_FILE, f"# held-out comparison\n\n```\n{table}\n```\n")
         self.say(table)
         self.say(f"summary: {self.run_dir / 'summary.json'}  best recipe: {self.run_dir / BEST_FILE}")
         self.say(f"open the runs: {self.tracker.ui_command()}")

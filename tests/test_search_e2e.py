@@ -71,6 +71,8 @@ def test_cmaes_search_completes_and_reports(cmaes_run):
         assert 0.0 <= entry.heldout["average"] <= 1.0
     assert summary.best.vs_parent is not None and summary.best.vs_parent.low <= summary.best.vs_parent.high
     assert (run_dir / "best.yml").read_text().startswith("# evolved by evomerge")
+    report = (run_dir / "report.md").read_text()
+    assert "task arithmetic λ=1" in report and f"evolved #{summary.best.trial}" in report
 
     tracking = json.loads((run_dir / "tracking.json").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")

@@ -30,7 +30,7 @@ from evaluators.toy_family.training import Architecture, TrainRecipe, new_model,
 
 # Bump when anything that changes built families (skills, data mix, training loop) changes: old caches go stale.
 FAMILY_FORMAT = 1
-DEFAULT_SKILLS = ("rev", "srt", "rot")
+DEFAULT_SKILLS = ("rev", "srt", "cae")
 # One thread: these models are too small to gain from two, and on a shared 2-core machine two threads
 # spinning at every OpenMP barrier made a training step 10x slower. A fixed count also keeps the float
 # reductions, hence the weights, identical from run to run.
