@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow 3 would otherwise send usage telemetry, and Ray its usage stats: a search stays on this machine.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Per-file progress bars (datasets loading each task split, hub writes) would bury the search's own progress.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
