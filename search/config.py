@@ -30,8 +30,6 @@ from evaluators.config import EvalConfig, TaskSpec
 from merge_core.methods import METHODS, MergeMethod
 
 SEARCHABLE_BY_DEFAULT = ("weight", "density", "t")
-# task_arithmetic declares density (mergekit does too) but never sparsifies: searching it would waste genes.
-DENSITY_WITHOUT_EFFECT = {"task_arithmetic"}
 DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -435,8 +433,8 @@ def _searchable(method: MergeMethod) -> bool:
 
 
 def _default_searched(method: MergeMethod) -> set[str]:
-    names = {p.name for p in method.params} & set(SEARCHABLE_BY_DEFAULT)
-    return names - {"density"} if method.name in DENSITY_WITHOUT_EFFECT else names
+    # task_arithmetic declares density, as mergekit's does, but never sparsifies: a gene for it would be wasted.
+    return {p.name for p in method.params if not p.inert} & set(SEARCHABLE_BY_DEFAULT)
 
 
 # --- pydantic errors -> one line ---------------------------------------------------------------------

@@ -91,11 +91,11 @@ def task_arithmetic_method(
     """One member of the family; `normalize` and `rescale` are its defaults (a recipe may override both)."""
     params = (
         Param("weight", per_model=True),
-        Param("density", per_model=True, default=1.0),
+        Param("density", per_model=True, default=1.0, inert=sparsifier is None),
         Param("normalize", per_model=False, default=normalize),
         Param("rescale", per_model=False, default=rescale),
         Param("lambda", per_model=False, default=1.0),
-        Param("int8_mask", per_model=False, default=False),  # mergekit's memory knob; results are unchanged
+        Param("int8_mask", per_model=False, default=False, inert=True),  # mergekit's memory knob
     )
     if sparsifier and sparsifier.extra:
         params += (sparsifier.extra,)

@@ -14,6 +14,7 @@ class Param:
     name: str
     per_model: bool  # True: read from each input model's parameters; False: one shared value per tensor
     default: ParamValue | None = None  # None means the recipe must give it
+    inert: bool = False  # accepted, as mergekit accepts it, but the math ignores it: never worth searching
 
     @property
     def required(self) -> bool:
