@@ -57,6 +57,9 @@ class EvalConfig(_Strict):
     subset_seed: int = 0
     fewshot_seed: int = 1234  # lm-eval's default
     confirm_run_unsafe_code: bool = False  # tasks that execute model-written code refuse to run without it
+    # False: task data must already be on local disk (or in the HF datasets cache), so a missing dataset fails
+    # at once with one line. True: fetch it from the hub, once, into the cache (needs network on every worker).
+    download_data: bool = False
     vllm: VLLMOptions = VLLMOptions()
 
     @property

@@ -15,7 +15,7 @@ import numbers
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import datasets.config
@@ -205,7 +205,7 @@ class Evaluator:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise EvaluatorError(where, "task", f"expected a task known to lm-eval{source}, got {spec.task!r}{hint}")
         try:
-            with _hub_offline():
+            with nullcontext() if self.config.download_data else _hub_offline():
                 loaded = manager.load([spec.task])
         except Exception as err:  # any failure to read the data is the user's input, not our bug
             raise EvaluatorError(
