@@ -54,6 +54,11 @@ class WorkerStartError(RuntimeError):
     """The worker factory failed on every worker: the pool cannot run anything."""
 
 
+class StartFailed(RuntimeError):
+    """A factory error reduced to its one-line text. Ray must bring the error back to the driver, and an
+    exception type the driver cannot rebuild arrives as 'Failed to deserialize exception'; this one always can."""
+
+
 def one_line(err: BaseException) -> str:
     """'ExceptionType: message' on a single line."""
     message = " ".join(str(err).split())
@@ -88,7 +93,11 @@ class WorkerHost:
         self.worker: Worker | None = None
 
     def start(self) -> str:
-        self.worker = self.factory()
+        try:
+            self.worker = self.factory()
+        except Exception as err:
+            traceback.print_exc()
+            raise StartFailed(one_line(err)) from None
         return f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, payload: Any) -> tuple[bool, Any, float]:
@@ -248,7 +257,8 @@ class WorkerPool:
         try:
             where = ray.get(slot.start_ref, timeout=GET_TIMEOUT_S)
         except RayTaskError as err:
-            self._start_failed(slot, one_line(task_cause(err)))
+            cause = task_cause(err)
+            self._start_failed(slot, str(cause) if isinstance(cause, StartFailed) else one_line(cause))
             return
         except RayError as err:
             self._start_failed(slot, f"worker could not start: {crash_reason(err)}")
