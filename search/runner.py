@@ -159,6 +159,9 @@ class Search:
             while pool.idle() and self.budget_left(started):
                 trial = self.optimizer.ask()
                 recipe_yaml = self.genome.decode(trial.x).to_yaml()
+                # Written before the trial can complete: a kill between the study's record and this file
+                # would leave a finished trial whose recipe a resumed run cannot read.
+                write_text_atomically(self.run_dir / RECIPES_DIR / f"trial-{trial.number}.yml", recipe_yaml)
                 self.asked[trial.number] = (trial.x, recipe_yaml)
                 pool.submit(trial.number, Job(recipe_yaml, seed=self.config.seed))
             if not self.asked:
@@ -174,7 +177,6 @@ class Search:
         if values is not None and not all(np.isfinite(values)):
             values, outcome = None, Outcome(number, False, None, "non-finite score", outcome.seconds, outcome.worker)
         self.optimizer.tell(number, values)
-        (self.run_dir / RECIPES_DIR / f"trial-{number}.yml").write_text(recipe_yaml)
         self.tracker.log_trial(
             number,
             self.optimizer.params(x),
