@@ -46,9 +46,10 @@ class CandidateWorker:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         # 'auto' is resolved here, not by the driver: on a cluster the worker's node decides what it has
-        self.device = "cuda" if spec.device == "auto" and torch.cuda.is_available() else spec.device
-        if self.device == "auto":
-            self.device = "cpu"
+        if spec.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = spec.device
         self.session = MergeSession(list(spec.models), device=self.device)
         skeleton = self.session.checkpoints[spec.models[0]].path
         self.evaluators = {
