@@ -8,7 +8,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
-from evaluators.errors import EvaluatorError
+from merge_core.errors import from_validation
 
 
 class _Strict(BaseModel):
@@ -75,4 +75,4 @@ def parse(model: type[Model], data: object, where: str) -> Model:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise EvaluatorError.from_validation(where, err) from None
+        raise from_validation(err, where, model) from None

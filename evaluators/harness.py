@@ -29,8 +29,8 @@ from lm_eval.tasks import TaskManager
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evaluators.config import EvalConfig, TaskSpec
-from evaluators.errors import EvaluatorError
 from evaluators.vllm_backend import require_vllm
+from merge_core.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -157,11 +157,11 @@ class Evaluator:
         if config.backend == "vllm":
             require_vllm()
         if not tasks:
-            raise EvaluatorError("tasks", "tasks", "expected at least one task, got an empty list")
+            raise InputError("tasks", "tasks", "expected at least one task, got an empty list")
         seen: set[str] = set()
         for i, spec in enumerate(tasks):
             if spec.task in seen:
-                raise EvaluatorError(f"tasks[{i}] ({spec.task})", "task", "expected each task once, got it twice")
+                raise InputError(f"tasks[{i}] ({spec.task})", "task", "expected each task once, got it twice")
             seen.add(spec.task)
         self.config = config
         manager = self._task_manager()
@@ -191,9 +191,9 @@ class Evaluator:
     def _task_manager(self) -> TaskManager:
         path = self.config.include_path
         if path is not None and not path.is_dir():
-            raise EvaluatorError("eval config", "include_path", f"expected a directory of task YAMLs, got {path}")
+            raise InputError("eval config", "include_path", f"expected a directory of task YAMLs, got {path}")
         if path is None and not self.config.uses_defaults:
-            raise EvaluatorError(
+            raise InputError(
                 "eval config", "include_defaults", "expected include_path or include_defaults, got neither"
             )
         return TaskManager(include_path=path, include_defaults=self.config.uses_defaults)
@@ -203,18 +203,18 @@ class Evaluator:
             source = f" in {self.config.include_path}" if self.config.include_path else ""
             close = difflib.get_close_matches(spec.task, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise EvaluatorError(where, "task", f"expected a task known to lm-eval{source}, got {spec.task!r}{hint}")
+            raise InputError(where, "task", f"expected a task known to lm-eval{source}, got {spec.task!r}{hint}")
         try:
             with nullcontext() if self.config.download_data else _hub_offline():
                 loaded = manager.load([spec.task])
         except Exception as err:  # any failure to read the data is the user's input, not our bug
-            raise EvaluatorError(
+            raise InputError(
                 where, "data", f"expected the task's data on local disk: {type(err).__name__}: {_first_line(err)}"
             ) from None
         group = loaded["groups"].get(spec.task)
         if group is None and len(loaded["tasks"]) != 1:
             members = ", ".join(sorted(loaded["tasks"])[:5])
-            raise EvaluatorError(
+            raise InputError(
                 where, "task", f"expected a task or group, got a tag of {len(loaded['tasks'])} tasks ({members}, ...)"
             )
         members = [self._bind_task(task, spec, where) for task in loaded["tasks"].values()]
@@ -222,22 +222,22 @@ class Evaluator:
             metric, filter_name = members[0].metric, members[0].filter_name
             aggregates = group.aggregate_metric_list or []
             if not any(a.metric == metric and filter_name in (a.filter_list or [filter_name]) for a in aggregates):
-                raise EvaluatorError(
+                raise InputError(
                     where, "metric", f"expected a metric the group aggregates, got {metric},{filter_name} (it has none)"
                 )
         return _BoundSpec(spec=spec, members=members, group=group)
 
     def _bind_task(self, task: Task, spec: TaskSpec, where: str) -> _BoundTask:
         if getattr(task, "UNSAFE_CODE", False) and not self.config.confirm_run_unsafe_code:
-            raise EvaluatorError(where, "task", "runs model-written code; set confirm_run_unsafe_code to allow it")
+            raise InputError(where, "task", "runs model-written code; set confirm_run_unsafe_code to allow it")
         declared = task.higher_is_better()  # every metric the task computes -> lm-eval's direction
         filters = [f["name"] for f in task.config.filter_list] if task.config.filter_list else ["none"]
         metric, _, filter_name = (spec.metric or "").partition(",")
         metric, filter_name = metric or next(iter(declared)), filter_name or filters[0]
         if metric not in declared:
-            raise EvaluatorError(where, "metric", f"expected one of {', '.join(declared)}, got {metric!r}")
+            raise InputError(where, "metric", f"expected one of {', '.join(declared)}, got {metric!r}")
         if filter_name not in filters:
-            raise EvaluatorError(where, "metric", f"expected a filter of {', '.join(filters)}, got {filter_name!r}")
+            raise InputError(where, "metric", f"expected a filter of {', '.join(filters)}, got {filter_name!r}")
 
         # The same overrides lm-eval's simple_evaluate applies, set once on the task object.
         if spec.num_fewshot is not None:

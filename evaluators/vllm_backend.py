@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from evaluators.config import EvalConfig
-from evaluators.errors import EvaluatorError
+from merge_core.errors import InputError
 
 if TYPE_CHECKING:
     from lm_eval.models.vllm_causallms import VLLM
@@ -29,7 +29,7 @@ INSTALL_HINT = "pip install 'evomerge[gpu]' on a CUDA machine"
 
 def require_vllm() -> None:
     if importlib.util.find_spec("vllm") is None:
-        raise EvaluatorError("eval config", "backend", f"'vllm' needs the vllm package; install it with {INSTALL_HINT}")
+        raise InputError("eval config", "backend", f"'vllm' needs the vllm package; install it with {INSTALL_HINT}")
 
 
 class CandidateWeightLoader:

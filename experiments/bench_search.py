@@ -21,9 +21,10 @@ import yaml
 
 from evaluators.toy_family import build_family
 from search.demo import DEMO_CONFIG, FAMILY_PLACEHOLDER
-from search.report import RunSummary
-from search.runner import HELDOUT_ITEMS, run_search
-from search.statistics import PairedDiff, paired_bootstrap
+from search.results.statistics import PairedDiff, paired_bootstrap
+from search.results.summary import RunSummary
+from search.run_dir import RunDir
+from search.runner import run_search
 
 
 def config_for(family_root: Path, optimizer: str, seed: int, trials: int, out: Path) -> Path:
@@ -94,7 +95,7 @@ def main() -> None:
         lines.append(f"seed {seed}: baselines " + ", ".join(f"{n} {v:.3f}" for n, v in defaults.items()))
         target = curves["random"][-1] if "random" in curves else None
         for optimizer, summary in summaries.items():
-            items = json.loads((root / f"seed{seed}-{optimizer}" / "run" / HELDOUT_ITEMS).read_text())
+            items = json.loads(RunDir(root / f"seed{seed}-{optimizer}" / "run").heldout_items.read_text())
             best = f"evolved #{summary.best.trial}"
             reach = evaluations_to_reach(curves[optimizer], target) if target is not None else None
             against = [max(parents, key=parents.get), *defaults]

@@ -14,7 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from merge_core.errors import SourceError
+from merge_core.errors import InputError
+
+SOURCES = "source checkpoints"  # what an error blames when only the tensor names are known
 
 LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -60,14 +62,18 @@ def layout(tensor_names: Sequence[str]) -> Layout:
         prefixes.add(name[: match.start()])
         layers.setdefault(int(match.group(1)), []).append(rename_layer(name, 0))
     if len(prefixes) > 1:
-        raise SourceError(f"tensor names hold more than one layer stack ({', '.join(sorted(prefixes))}): not supported")
+        raise InputError(
+            SOURCES, None, f"tensor names hold more than one layer stack ({', '.join(sorted(prefixes))}): not supported"
+        )
     count = max(layers, default=-1) + 1
     first = layers.get(0, [])
     for index in range(count):
         missing = sorted(set(first).symmetric_difference(layers.get(index, [])))
         if missing:
-            raise SourceError(
-                f"layer {index} does not have the same tensors as layer 0 ({rename_layer(missing[0], index)})"
+            raise InputError(
+                SOURCES,
+                None,
+                f"layer {index} does not have the same tensors as layer 0 ({rename_layer(missing[0], index)})",
             )
     return Layout(
         pre=tuple(name for name in outside if is_pre_weight(name)),

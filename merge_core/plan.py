@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from merge_core import architecture
-from merge_core.errors import RecipeError, SourceError
+from merge_core.errors import InputError
 from merge_core.methods import MergeMethod
 from merge_core.parameters import Scalar, resolve
 from merge_core.recipe import OutputSlice, Recipe, SliceInput
@@ -48,12 +48,14 @@ def plan_merge(recipe: Recipe, tensor_names: Sequence[str], num_layers: int, whe
     where = recipe.where if where is None else where
     layout = architecture.layout(tensor_names)
     if layout.num_layers != num_layers:
-        raise SourceError(f"the tensor names hold {layout.num_layers} layers but the model config says {num_layers}")
+        raise InputError(
+            where, None, f"the tensor names hold {layout.num_layers} layers but the model config says {num_layers}"
+        )
     pieces = recipe.output_slices()
     for piece in pieces:
         for source in piece.inputs:
             if source.layer_range and source.layer_range[1] > num_layers:
-                raise RecipeError(
+                raise InputError(
                     where,
                     f"{source.path}.layer_range",
                     f"ends at layer {source.layer_range[1]} but {source.model} has {num_layers} layers",
@@ -138,7 +140,7 @@ def _value(
     if value is None:
         # The recipe check made sure the parameter is set somewhere, so a filter list missed this tensor.
         path = next(path for path, parameters in levels if parameters and name in parameters)
-        raise RecipeError(
+        raise InputError(
             where,
             f"{path}.{name}",
             f"no filter entry matches tensor {tensor_name} and {method.name} has no default: add a {{value: ...}} entry",

@@ -1,6 +1,6 @@
 """Merge recipes in mergekit's YAML format (the part evomerge merges): parsed, validated, written back.
 
-Every problem surfaces as one RecipeError line "file: field.path: what was expected", checked against the
+Every problem surfaces as one InputError line "file: field.path: what was expected", checked against the
 methods registered in merge_core.methods (their parameters, base policy and input counts). Unlike mergekit,
 unknown keys and parameters are errors, since a typo there would silently fall back to a default.
 """
@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Literal
 
 import torch
 import yaml
@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from merge_core.errors import RecipeError
+from merge_core.errors import InputError, from_validation
 from merge_core.methods import METHODS, MergeMethod
 from merge_core.parameters import ParameterValue, dump_value, kind_error, parse_value
 
@@ -186,30 +186,30 @@ class Recipe(_Strict):
     @classmethod
     def from_dict(cls, data: object, where: str = "<dict>") -> "Recipe":
         if not isinstance(data, dict):
-            raise RecipeError(where, "recipe", "expected a mapping with merge_method and models: or slices:")
+            raise InputError(where, "recipe", "expected a mapping with merge_method and models: or slices:")
         try:
             return cls.model_validate(data, context={"where": where})
         except ValidationError as error:
-            raise _first_error(error, where) from None
+            raise from_validation(error, where, cls, UNSUPPORTED) from None
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> "Recipe":
         """Read a recipe from a file (a Path, or a str naming an existing file) or from YAML text."""
         is_path = isinstance(source, Path) or ("\n" not in source and os.path.isfile(source))
         if not is_path and "\n" not in source and source.strip().endswith((".yml", ".yaml")):
-            raise RecipeError(source, "file", "not found")
+            raise InputError(source, "file", "not found")
         where = str(source) if is_path else "<text>"
         try:
             text = Path(source).read_text() if is_path else source
         except OSError as error:
-            raise RecipeError(where, "file", f"cannot be read ({error.strerror})") from None
+            raise InputError(where, "file", f"cannot be read ({error.strerror})") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f"line {mark.line + 1}" if mark else "yaml"
             problem = " ".join(str(getattr(error, "problem", None) or error).split())
-            raise RecipeError(where, line, f"invalid YAML ({problem})") from None
+            raise InputError(where, line, f"invalid YAML ({problem})") from None
         return cls.from_dict(data, where)
 
     def to_yaml(self) -> str:
@@ -232,65 +232,26 @@ def _find_method(name: str) -> MergeMethod | None:
     return METHODS.get(name) or next((m for m in METHODS.values() if name in m.aliases), None)
 
 
-def _first_error(error: ValidationError, where: str) -> RecipeError:
-    """pydantic's first error as a RecipeError: dotted field path and what was expected."""
-    detail = error.errors()[0]
-    loc = [part for part in detail["loc"] if part != "[key]"]
-    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
-    kind, message = detail["type"], detail["msg"]
-    if kind == "missing":
-        expected = "required key is missing"
-    elif kind == "extra_forbidden":
-        expected = UNSUPPORTED.get(loc[-1]) or f"unknown key; expected one of {', '.join(_keys_at(loc[:-1]))}"
-    elif kind in ("dict_type", "model_type"):
-        expected = f"expected a mapping (key: value), got {detail['input']!r}"
-    elif kind == "list_type":
-        expected = f"expected a list, got {detail['input']!r}"
-    elif kind == "too_short":
-        expected = "expected at least one entry"
-    elif kind == "value_error":
-        expected = message.removeprefix("Value error, ")
-    else:
-        expected = message.replace("Input should be", "expected") + f", got {detail['input']!r}"
-    return RecipeError(where, field or "recipe", " ".join(expected.split()))
-
-
-def _keys_at(loc: list) -> list[str]:
-    """The keys allowed in the mapping at `loc` (a path of field names and list indices)."""
-    model: type[BaseModel] = Recipe
-    for part in loc:
-        if isinstance(part, str):
-            model = _model_in(model.model_fields[part].annotation)
-    return list(model.model_fields)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation such as `list[Slice] | None`."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((model for arg in get_args(annotation) if (model := _model_in(arg))), None)
-
-
 def _check_recipe(recipe: Recipe, where: str) -> None:
     """What pydantic's types cannot say: the method, its inputs, and its parameters."""
     method = recipe.method
     if method is None:
-        raise RecipeError(
+        raise InputError(
             where, "merge_method", f"unknown method {recipe.merge_method!r}; expected one of {', '.join(METHODS)}"
         )
     if (recipe.models is None) == (recipe.slices is None):
-        raise RecipeError(where, "models", "expected exactly one of models: or slices:")
+        raise InputError(where, "models", "expected exactly one of models: or slices:")
     if method.base == "required" and recipe.base_model is None:
-        raise RecipeError(where, "base_model", f"required by {method.name}")
+        raise InputError(where, "base_model", f"required by {method.name}")
     if recipe.tokenizer_source == "base" and recipe.base_model is None:
-        raise RecipeError(where, "tokenizer_source", "'base' needs a base_model")
+        raise InputError(where, "tokenizer_source", "'base' needs a base_model")
     pieces = recipe.output_slices()
     for piece in pieces:
         _check_inputs(piece, method, recipe.base_model, where)
     if len(pieces[-1].inputs) > len(pieces[0].inputs):
         # mergekit merges the post-layer tensors (final norm, lm_head) from the last slice's models but only as
         # many as the first slice has, silently dropping the rest: refuse rather than reproduce that.
-        raise RecipeError(
+        raise InputError(
             where,
             f"{pieces[-1].path}.sources",
             f"has more sources than slices[0] ({len(pieces[0].inputs)}); give the first and last slice the same models",
@@ -302,21 +263,21 @@ def _check_inputs(piece: OutputSlice, method: MergeMethod, base: str | None, whe
     models = [source.model for source in piece.inputs]
     for index, source in enumerate(piece.inputs):
         if source.model in models[:index]:
-            raise RecipeError(where, f"{source.path}.model", f"{source.model!r} is already an input of this slice")
+            raise InputError(where, f"{source.path}.model", f"{source.model!r} is already an input of this slice")
     inputs_field = "models" if piece.path == "models" else f"{piece.path}.sources"
     if base is not None and method.base != "ignored" and base not in models:
-        raise RecipeError(where, inputs_field, f"must include base_model {base!r}: {method.name} merges against it")
+        raise InputError(where, inputs_field, f"must include base_model {base!r}: {method.name} merges against it")
     count = len(models)
     if count < method.min_models or (method.max_models is not None and count > method.max_models):
-        raise RecipeError(where, inputs_field, f"{method.name} takes {_arity(method)}; got {count}")
+        raise InputError(where, inputs_field, f"{method.name} takes {_arity(method)}; got {count}")
     non_base = count - (base in models and method.base != "ignored")
     if method.non_base_models is not None and non_base != method.non_base_models:
         expected = f"exactly {method.non_base_models} models besides base_model"
-        raise RecipeError(where, inputs_field, f"{method.name} takes {expected}; got {non_base}")
+        raise InputError(where, inputs_field, f"{method.name} takes {expected}; got {non_base}")
     first = piece.inputs[0]
     for source in piece.inputs[1:] if first.layer_range else ():
         if source.layer_range[1] - source.layer_range[0] != first.layer_range[1] - first.layer_range[0]:
-            raise RecipeError(
+            raise InputError(
                 where,
                 f"{source.path}.layer_range",
                 f"spans {source.layer_range[1] - source.layer_range[0]} layers but {first.path} spans "
@@ -343,18 +304,18 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
         for name, value in (parameters or {}).items():
             param = method.param(name)
             if param is None:
-                raise RecipeError(
+                raise InputError(
                     where, f"{path}.{name}", f"not a parameter of {method.name}; expected one of {allowed}"
                 )
             if per_input and not param.per_model:
-                raise RecipeError(
+                raise InputError(
                     where,
                     f"{path}.{name}",
                     f"{name} is one value for all inputs: set it in the top-level or slice parameters",
                 )
             problem = kind_error(value, param)
             if problem:
-                raise RecipeError(where, f"{path}.{name}", problem)
+                raise InputError(where, f"{path}.{name}", problem)
 
     # Required parameters must be set somewhere each input (or slice) can read them; a filter list that
     # matches no entry for some tensor is only found when planning.
@@ -367,8 +328,8 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
                 if is_set(param.name, piece.parameters, recipe.parameters):
                     continue
                 if recipe.slices is None:
-                    raise RecipeError(where, f"parameters.{param.name}", f"required by {method.name}")
-                raise RecipeError(
+                    raise InputError(where, f"parameters.{param.name}", f"required by {method.name}")
+                raise InputError(
                     where,
                     f"{piece.path}.parameters.{param.name}",
                     f"required by {method.name}: set it here or in the top-level parameters",
@@ -378,14 +339,14 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
                 if not uses_it or is_set(param.name, source.parameters, piece.parameters, recipe.parameters):
                     continue
                 if source.path == "base_model":
-                    raise RecipeError(
+                    raise InputError(
                         where,
                         "base_model",
                         f"{method.name} reads {param.name} for every input and base_model is one: list it under "
                         f"models: with its {param.name}, or set {param.name} in the top-level parameters",
                     )
                 levels = "here, in the slice's parameters or" if recipe.slices is not None else "here or"
-                raise RecipeError(
+                raise InputError(
                     where,
                     f"{source.path}.parameters.{param.name}",
                     f"required by {method.name}: set it {levels} in the top-level parameters",

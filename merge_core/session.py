@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from merge_core import architecture
-from merge_core.errors import MergeCoreError, RecipeError
+from merge_core.errors import InputError
 from merge_core.methods import MergeInputs
 from merge_core.plan import MergePlan, TensorJob, plan_merge
 from merge_core.recipe import Recipe
@@ -23,7 +23,7 @@ from merge_core.writer import DEFAULT_SHARD_BYTES, write_checkpoint
 class MergeSession:
     def __init__(self, models: Sequence[str], device: str = "cpu"):
         if not models:
-            raise MergeCoreError("MergeSession needs at least one model")
+            raise ValueError("MergeSession needs at least one model")
         self.device = device
         self.checkpoints: dict[str, Checkpoint] = {ref: load_checkpoint(ref, device) for ref in dict.fromkeys(models)}
         check_compatible(list(self.checkpoints.values()))
@@ -37,7 +37,7 @@ class MergeSession:
         loaded = list(self.checkpoints)
         for ref in recipe.model_refs():
             if ref not in self.checkpoints:
-                raise RecipeError(recipe.where, "models", f"{ref} is not loaded in this session (loaded: {loaded})")
+                raise InputError(recipe.where, "models", f"{ref} is not loaded in this session (loaded: {loaded})")
         return plan_merge(recipe, self.tensor_names, self.num_layers, recipe.where)
 
     def materialize(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -50,9 +50,9 @@ class MergeSession:
         for name, tensor in self.merged_tensors(self.plan(recipe), seed):
             target = targets.get(name)
             if target is None or target.shape != tensor.shape:
-                raise MergeCoreError(f"live model has no tensor {name} of shape {tuple(tensor.shape)}")
+                raise ValueError(f"live model has no tensor {name} of shape {tuple(tensor.shape)}")
             if not torch.isfinite(tensor).all():
-                raise MergeCoreError(f"merged tensor {name} has NaN or infinite values")
+                raise InputError(recipe.where, None, f"merged tensor {name} has NaN or infinite values")
             target.data.copy_(tensor)
 
     def write(self, recipe: Recipe, out_dir: str | Path, seed: int = 0, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
@@ -98,7 +98,7 @@ class MergeSession:
 
     def _checkpoint(self, ref: str, recipe: Recipe) -> Checkpoint:
         if ref not in self.checkpoints:
-            raise RecipeError(recipe.where, "tokenizer_source", f"{ref} is not loaded in this session")
+            raise InputError(recipe.where, "tokenizer_source", f"{ref} is not loaded in this session")
         return self.checkpoints[ref]
 
     def _input(self, ref: str, name: str, dtype: torch.dtype | None) -> torch.Tensor:

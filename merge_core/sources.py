@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from merge_core.errors import SourceError
+from merge_core.errors import InputError
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -48,16 +48,16 @@ def resolve_model_dir(ref: str) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise SourceError(f"{ref}: expected a model directory, found a file")
+        raise InputError(ref, None, "expected a model directory, found a file")
     looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise SourceError(f"{ref}: no such model directory")
+        raise InputError(ref, None, "no such model directory")
     from huggingface_hub import snapshot_download  # only users of hub ids pay for the import
 
     try:
         return Path(snapshot_download(ref, allow_patterns=HUB_PATTERNS))
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line for the user
-        raise SourceError(f"{ref}: not a local directory and not downloadable from the hub ({err})") from None
+        raise InputError(ref, None, f"not a local directory and not downloadable from the hub ({err})") from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -70,7 +70,7 @@ def weight_files(path: Path) -> list[Path]:
     for single in (SAFETENSORS, PYTORCH_BIN):
         if (path / single).exists():
             return [path / single]
-    raise SourceError(f"{path}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
+    raise InputError(path, None, f"no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
 
 
 def read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
@@ -79,16 +79,16 @@ def read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
             return load_file(file, device=device)
         return torch.load(file, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise SourceError(f"{file}: weight file listed in the index is missing") from None
+        raise InputError(file, None, "weight file listed in the index is missing") from None
     except Exception as err:  # noqa: BLE001 - corrupt files must not end in a traceback
-        raise SourceError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from None
+        raise InputError(file, None, f"cannot read weights ({type(err).__name__}: {err})") from None
 
 
 def read_config(ref: str) -> tuple[Path, dict]:
     path = resolve_model_dir(ref)
     config_file = path / "config.json"
     if not config_file.exists():
-        raise SourceError(f"{ref}: no config.json in {path}")
+        raise InputError(ref, None, f"no config.json in {path}")
     return path, json.loads(config_file.read_text())
 
 
@@ -104,11 +104,11 @@ def read_info(ref: str) -> CheckpointInfo:
             with safe_open(file, "pt") as handle:
                 shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})  # noqa: SIM118
         except FileNotFoundError:
-            raise SourceError(f"{file}: weight file listed in the index is missing") from None
+            raise InputError(file, None, "weight file listed in the index is missing") from None
         except Exception as err:  # noqa: BLE001 - corrupt headers must not end in a traceback
-            raise SourceError(f"{file}: cannot read weights ({type(err).__name__}: {err})") from None
+            raise InputError(file, None, f"cannot read weights ({type(err).__name__}: {err})") from None
     if not shapes:
-        raise SourceError(f"{ref}: the checkpoint holds no tensors")
+        raise InputError(ref, None, "the checkpoint holds no tensors")
     return CheckpointInfo(ref=ref, path=path, config=config, shapes=shapes)
 
 
@@ -118,7 +118,7 @@ def load_checkpoint(ref: str, device: str = "cpu") -> Checkpoint:
     for file in weight_files(path):
         tensors.update(read_tensors(file, device))
     if not tensors:
-        raise SourceError(f"{ref}: the checkpoint holds no tensors")
+        raise InputError(ref, None, "the checkpoint holds no tensors")
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     return Checkpoint(ref=ref, path=path, config=config, shapes=shapes, tensors=tensors)
 
@@ -128,16 +128,16 @@ def check_compatible(checkpoints: Sequence[CheckpointInfo]) -> None:
     reference = checkpoints[0]
     for other in checkpoints[1:]:
         if other.vocab_size != reference.vocab_size:
-            raise SourceError(
-                f"{other.ref}: vocab_size {other.vocab_size} differs from {reference.ref}'s {reference.vocab_size}"
+            raise InputError(
+                other.ref, None, f"vocab_size {other.vocab_size} differs from {reference.ref}'s {reference.vocab_size}"
             )
         missing = [name for name in reference.shapes if name not in other.shapes]
         extra = [name for name in other.shapes if name not in reference.shapes]
         if missing or extra:
             name, where = (missing[0], "lacks") if missing else (extra[0], "has an extra")
-            raise SourceError(f"{other.ref}: {where} tensor {name} compared with {reference.ref}")
+            raise InputError(other.ref, None, f"{where} tensor {name} compared with {reference.ref}")
         for name, shape in reference.shapes.items():
             if other.shapes[name] != shape:
-                raise SourceError(
-                    f"{other.ref}: tensor {name} has shape {other.shapes[name]}, {reference.ref} has {shape}"
+                raise InputError(
+                    other.ref, None, f"tensor {name} has shape {other.shapes[name]}, {reference.ref} has {shape}"
                 )

@@ -1,4 +1,8 @@
-"""The `evomerge` command line. Every user error ends as one line on stderr and exit code 2, never a traceback."""
+"""The `evomerge` command line.
+
+Bad input (merge_core.errors.InputError, or a file that is not there) ends as one line on stderr and exit code
+2. Anything else is evomerge's own bug: exit 1 and one line that says so (EVOMERGE_DEBUG=1 shows the traceback).
+"""
 
 import argparse
 import os
@@ -6,6 +10,7 @@ import sys
 from pathlib import Path
 
 USER_ERROR_EXIT = 2
+INTERNAL_ERROR_EXIT = 1
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -33,21 +38,20 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from search.planning import plan_search
+    from search.plan import plan_search
 
     print(plan_search(Path(args.config)))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from search.export import export_recipe
+    from search.results.export import export_recipe
+    from search.run_dir import write_atomically
 
     text = export_recipe(Path(args.run_dir), objective=args.objective, rank=args.rank)
     if args.out is None:
         print(text, end="")
         return
-    from search.report import write_text_atomically
-
-    write_text_atomically(Path(args.out), text)
+    write_atomically(Path(args.out), text)
     print(f"wrote {args.out}")
 
 
@@ -99,16 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """The error types that mean bad input: shown as one line, exit code 2."""
-    from evaluators.errors import EvaluatorError
-    from merge_core.errors import MergeCoreError
-    from search.config import ConfigError
-    from search.execution import WorkerStartError
-
-    return (MergeCoreError, EvaluatorError, ConfigError, WorkerStartError, ValueError, FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
     # MLflow 3 would otherwise send usage telemetry, and Ray its usage stats: a search stays on this machine.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -125,15 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get("EVOMERGE_DEBUG"):
             raise
+        from merge_core.errors import InputError
+
         one_line = " ".join(str(err).split()) or type(err).__name__
-        if isinstance(err, user_errors()):
+        if isinstance(err, InputError | FileNotFoundError):
             print(f"evomerge: error: {one_line}", file=sys.stderr)
             return USER_ERROR_EXIT
         print(
             f"evomerge: internal error: {type(err).__name__}: {one_line} (EVOMERGE_DEBUG=1 shows the traceback)",
             file=sys.stderr,
         )
-        return 1
+        return INTERNAL_ERROR_EXIT
     return 0
 
 

@@ -1,6 +1,6 @@
 """search.yml: what to merge, what to search, how to score it, where to run it.
 
-`SearchConfig.from_yaml(path)` validates the file and fills defaults; any problem is a `ConfigError` whose
+`SearchConfig.from_yaml(path)` validates the file and fills defaults; any problem is an `InputError` whose
 message is ONE line naming the file, the field and what was expected, e.g.
 `search.yml: optimizer.popsize: expected an integer >= 2, got 'ten'`. Unknown keys are rejected.
 Relative paths (local models, include_path, output_dir, a relative sqlite MLflow URI) resolve against the
@@ -9,9 +9,8 @@ config file's directory, so a config means the same thing from any working direc
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self, get_args
+from typing import Annotated, Any, Literal, Self
 
-import annotated_types
 import yaml
 from pydantic import (
     BaseModel,
@@ -24,35 +23,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 
 from evaluators.config import EvalConfig, TaskSpec
+from merge_core.errors import FieldProblem, InputError, from_validation, shown
 from merge_core.methods import METHODS, MergeMethod
+from search.run_dir import RunDir
 
 SEARCHABLE_BY_DEFAULT = ("weight", "density", "t")
 DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0)}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class ConfigError(Exception):
-    """A search config that cannot be used; str(err) is the whole one-line message."""
-
-    def __init__(self, where: str, field: str, expected: str):
-        self.where, self.field, self.expected = where, field, expected
-        super().__init__(f"{where}: {field}: {expected}")
-
-
-class FieldProblem(ValueError):
-    """Raised inside validators to blame a sub-field (dotted, relative to the model being validated)."""
-
-    def __init__(self, field: str, expected: str):
-        self.field, self.expected = field, expected
-        super().__init__(expected)
-
-
-def _got(value: Any) -> str:
-    text = " ".join(repr(value).split())
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _base_dir(info: ValidationInfo) -> Path:
@@ -69,7 +48,7 @@ def _seconds(value: Any) -> Any:
         return value
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", value)
     if not match:
-        raise ValueError(f"expected seconds or a duration like '90s', '30m', '2h', got {_got(value)}")
+        raise ValueError(f"expected seconds or a duration like '90s', '30m', '2h', got {shown(value)}")
     return float(match[1]) * DURATION_UNITS[match[2]]
 
 
@@ -211,7 +190,7 @@ class EvaluationConfig(EvalConfig):
     def _subset_seed_elsewhere(cls, value: Any) -> Any:
         if value is None:
             return value
-        raise ValueError(f"expected it in fitness.subset_seed (one place chooses the scored items), got {_got(value)}")
+        raise ValueError(f"expected it in fitness.subset_seed (one place chooses the scored items), got {shown(value)}")
 
 
 class BudgetConfig(Section):
@@ -226,11 +205,20 @@ class BudgetConfig(Section):
 
 
 class ExecutionConfig(Section):
-    ray_address: str = "local"  # 'local' starts Ray in-process; else an address for ray.init
+    ray_address: str = "local"  # 'local' starts Ray in-process; else a cluster address for ray.init
     workers: int = Field(1, ge=1)
     gpus_per_worker: float = Field(0.0, ge=0)
     trial_timeout: Seconds = 3600.0
     device: str = "auto"
+
+    @field_validator("ray_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.fullmatch(r"local|auto|(ray://)?[\w.-]+:\d{1,5}", value):
+            raise ValueError(
+                f"expected 'local', 'auto' or a cluster address like 'head-node:6379' or 'ray://head:10001', got {value!r}"
+            )
+        return value
 
     @field_validator("device")
     @classmethod
@@ -287,7 +275,7 @@ class SearchConfig(Section):
         if self.output_dir is None:
             self.output_dir = _resolve(Path("runs") / (info.context or {}).get("stem", "search"), info)
         if self.tracking.mlflow_uri is None:
-            self.tracking.mlflow_uri = f"sqlite:///{self.output_dir / 'mlflow.db'}"
+            self.tracking.mlflow_uri = RunDir(self.output_dir).mlflow_uri
         if self.optimizer.seed is None:
             self.optimizer.seed = self.seed
         return self
@@ -311,7 +299,7 @@ class SearchConfig(Section):
                 raise FieldProblem(f"merge.parameters.{key}", f"expected a parameter of {name} ({known}), got {key!r}")
             if isinstance(param.default, bool) != isinstance(value, bool):
                 kind = "true or false" if isinstance(param.default, bool) else "a number"
-                raise FieldProblem(f"merge.parameters.{key}", f"expected {kind}, got {_got(value)}")
+                raise FieldProblem(f"merge.parameters.{key}", f"expected {kind}, got {shown(value)}")
 
     def _check_genome(self) -> None:
         method, genome = self.merge.spec, self.genome
@@ -403,12 +391,12 @@ class SearchConfig(Section):
     @classmethod
     def from_dict(cls, data: Any, where: str = "<config>", base_dir: Path | None = None, stem: str = "search") -> Self:
         if not isinstance(data, dict):
-            raise ConfigError(where, "<top level>", f"expected a mapping of sections, got {_got(data)}")
+            raise InputError(where, "<top level>", f"expected a mapping of sections, got {shown(data)}")
         context = {"base_dir": base_dir or Path.cwd(), "stem": stem}
         try:
             config = cls.model_validate(data, context=context)
         except ValidationError as err:
-            raise _config_error(err, where) from None
+            raise from_validation(err, where, cls) from None
         config._where = where
         return config
 
@@ -419,12 +407,12 @@ class SearchConfig(Section):
         try:
             data = yaml.safe_load(path.read_text())
         except OSError as err:
-            raise ConfigError(where, "<file>", f"expected a readable YAML file, got {err.strerror or err}") from None
+            raise InputError(where, "<file>", f"expected a readable YAML file, got {err.strerror or err}") from None
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
             problem = getattr(err, "problem", None) or "unparseable"
-            raise ConfigError(where, "<yaml>", f"expected valid YAML, got {problem} at {at}") from None
+            raise InputError(where, "<yaml>", f"expected valid YAML, got {problem} at {at}") from None
         return cls.from_dict(data, where=where, base_dir=path.resolve().parent, stem=path.stem)
 
 
@@ -435,139 +423,3 @@ def _searchable(method: MergeMethod) -> bool:
 def _default_searched(method: MergeMethod) -> set[str]:
     # task_arithmetic declares density, as mergekit's does, but never sparsifies: a gene for it would be wasted.
     return {p.name for p in method.params if not p.inert} & set(SEARCHABLE_BY_DEFAULT)
-
-
-# --- pydantic errors -> one line ---------------------------------------------------------------------
-
-TYPE_PHRASES = {
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "an integer",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "string_type": "a string",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "string_pattern_mismatch": "a string matching {pattern}",
-    "literal_error": "one of {expected}",
-    "too_short": "at least {min_length} item(s)",
-    "too_long": "at most {max_length} item(s)",
-    "string_too_short": "a non-empty string",
-}
-BOUND_TYPES = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
-BOUND_SYMBOLS = {
-    annotated_types.Ge: (">=", "ge"),
-    annotated_types.Gt: (">", "gt"),
-    annotated_types.Le: ("<=", "le"),
-    annotated_types.Lt: ("<", "lt"),
-}
-
-
-def _config_error(err: ValidationError, where: str) -> ConfigError:
-    # Errors at the same place are the alternatives of one union ('an integer >= 1 or one of 'auto''):
-    # explain them together, and only count the other places.
-    by_place: dict[tuple, list[dict]] = {}
-    for error in err.errors(include_url=False):
-        by_place.setdefault(tuple(p for p in error["loc"] if not _is_union_tag(p)), []).append(error)
-    loc, alternatives = next(iter(by_place.items()))
-    explained = [_explain(error, list(loc)) for error in alternatives]
-    field, expected = explained[0]
-    if len(explained) > 1 and all(e.startswith("expected ") and ", got " in e for _, e in explained):
-        phrases = [e.removeprefix("expected ").rsplit(", got ", 1)[0] for _, e in explained]
-        expected = f"expected {' or '.join(dict.fromkeys(phrases))}, got {expected.rsplit(', got ', 1)[1]}"
-    more = f" (and {len(by_place) - 1} more problem(s))" if len(by_place) > 1 else ""
-    return ConfigError(where, field, expected + more)
-
-
-UNION_TAG = re.compile(r"(constrained-)?(int|float|str|bool)|[\w-]+\[.*\]")
-
-
-def _is_union_tag(part: Any) -> bool:
-    # pydantic names the union member it tried ('int', 'constrained-int', "literal['auto']"): not a user key
-    return isinstance(part, str) and UNION_TAG.fullmatch(part) is not None
-
-
-def _path(loc: list) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text.lstrip(".") or "<top level>"
-
-
-def _explain(error: dict, loc: list) -> tuple[str, str]:
-    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
-    problem = ctx.get("error")
-    if isinstance(problem, FieldProblem):
-        joint = "" if problem.field.startswith("[") or not loc else "."
-        return (_path(loc) if loc else "") + joint + problem.field, problem.expected
-    if kind == "value_error":
-        return _path(loc), str(problem) if problem else error["msg"]
-    if kind == "missing":
-        return _path(loc), "expected a value, got nothing (this field is required)"
-    if kind == "extra_forbidden":
-        allowed = ", ".join(_model_at(loc[:-1]).model_fields) if _model_at(loc[:-1]) else "none"
-        return _path(loc), f"unknown key; expected one of: {allowed}"
-    if kind in BOUND_TYPES:
-        phrase = "an integer" if int in _field_types(loc) else "a number"
-    else:
-        phrase = TYPE_PHRASES.get(kind, error["msg"]).format(**ctx)
-    numeric = kind in BOUND_TYPES or kind.startswith(("int_", "float_"))
-    return _path(loc), f"expected {phrase}{_bounds_of(loc) if numeric else ''}, got {_got(value)}"
-
-
-def _model_at(loc: list) -> type[BaseModel] | None:
-    """The config model class found at `loc` (list indices step into item types)."""
-    model: Any = SearchConfig
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        model = _inner_model(field.annotation) if field else None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _inner_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _field_at(loc: list) -> FieldInfo | None:
-    if not loc or isinstance(loc[-1], int):
-        return None
-    parent = _model_at(loc[:-1])
-    return parent.model_fields.get(loc[-1]) if parent else None
-
-
-def _field_types(loc: list) -> set:
-    """Every type named in the field's annotation, through unions and Annotated."""
-    field = _field_at(loc)
-    found, pending = set(), [field.annotation] if field else []
-    while pending:
-        annotation = pending.pop()
-        found.add(annotation)
-        pending += get_args(annotation)
-    return found
-
-
-def _bounds_of(loc: list) -> str:
-    """' >= 2' style suffix from the numeric constraints declared on the field at `loc`."""
-    field = _field_at(loc)
-    metadata = list(field.metadata) if field else []
-    for arg in get_args(field.annotation) if field else ():  # constraints inside `Annotated[...] | None`
-        for item in getattr(arg, "__metadata__", ()):
-            metadata += getattr(item, "metadata", [item])
-    parts = []
-    for item in metadata:
-        for kind, (symbol, attribute) in BOUND_SYMBOLS.items():
-            if isinstance(item, kind):
-                parts.append(f"{symbol} {getattr(item, attribute)}")
-    return " " + " and ".join(parts) if parts else ""

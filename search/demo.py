@@ -4,24 +4,26 @@ import shutil
 from pathlib import Path
 
 from evaluators.toy_family import build_family
-from search.report import RunSummary
-from search.runner import BEST_FILE, run_search
+from search.results.summary import RunSummary
+from search.run_dir import RunDir, write_atomically
+from search.runner import run_search
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yml"
 FAMILY_PLACEHOLDER = "{family}"
+RUN = "run"  # the demo's run directory, inside its output folder (configs/demo.yml says output_dir: run)
 
 
 def run_demo(out: Path) -> RunSummary:
     print("building (or reusing) the demo toy family ...", flush=True)
     family = build_family(size="demo")
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "search.yml"
-    config_path.write_text(DEMO_CONFIG.read_text().replace(FAMILY_PLACEHOLDER, str(family.root)))
-    run_dir = out / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo's own previous run: each demo starts a fresh search
+    config_path = write_atomically(
+        out / "search.yml", DEMO_CONFIG.read_text().replace(FAMILY_PLACEHOLDER, str(family.root))
+    )
+    run = RunDir(out / RUN)
+    if run.path.exists():
+        shutil.rmtree(run.path)  # the demo's own previous run: each demo starts a fresh search
     summary = run_search(config_path)
     if summary.best is not None:
-        shutil.copy(run_dir / BEST_FILE, out / BEST_FILE)
-        print(f"best recipe: {out / BEST_FILE}  (reproduce it: mergekit-yaml {out / BEST_FILE} merged/)")
+        best = write_atomically(out / "best.yml", run.read_text(run.best))
+        print(f"best recipe: {best}  (reproduce it: mergekit-yaml {best} merged/)")
     return summary

@@ -11,8 +11,9 @@ import yaml
 from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evaluators import EvalConfig, Evaluator, EvaluatorError, TaskSpec, hf_lm, parse
+from evaluators import EvalConfig, Evaluator, TaskSpec, hf_lm, parse
 from evaluators.vllm_backend import vllm_lm
+from merge_core.errors import InputError
 
 LIMIT = 40
 
@@ -167,7 +168,7 @@ def write_task(directory, name, **changes):
 
 
 def expect_one_line_error(config, specs, *fragments):
-    with pytest.raises(EvaluatorError) as caught:
+    with pytest.raises(InputError) as caught:
         Evaluator(config, specs)
     message = str(caught.value)
     assert "\n" not in message
@@ -207,13 +208,15 @@ def test_hostile_task_specs_fail_with_one_line_before_any_scoring(toy_family, li
 
 
 def test_config_errors_read_as_one_line():
-    with pytest.raises(EvaluatorError, match=r"^search\.yaml: limit: Input should be greater than 0, got 0$"):
+    with pytest.raises(InputError, match=r"^search\.yaml: limit: expected an integer > 0, got 0$"):
         parse(TaskSpec, {"task": "x", "limit": 0}, "search.yaml")
-    with pytest.raises(EvaluatorError, match=r"^eval\.yaml: batchsize: Extra inputs are not permitted"):
+    with pytest.raises(InputError, match=r"^eval\.yaml: batchsize: unknown key; expected one of: backend, "):
         parse(EvalConfig, {"batchsize": 8}, "eval.yaml")
-    with pytest.raises(EvaluatorError, match=r"^eval\.yaml: vllm\.weight_update: .*'live' or 'reload', got 'hot'"):
+    with pytest.raises(InputError, match=r"^eval\.yaml: vllm\.weight_update: .*'live' or 'reload', got 'hot'"):
         parse(EvalConfig, {"backend": "vllm", "vllm": {"weight_update": "hot"}}, "eval.yaml")
-    with pytest.raises(EvaluatorError, match=r"^search\.yaml: task: Field required$"):
+    with pytest.raises(
+        InputError, match=r"^search\.yaml: task: expected a value, got nothing \(this field is required\)$"
+    ):
         parse(TaskSpec, {"metric": "acc"}, "search.yaml")
 
 
@@ -223,6 +226,6 @@ def test_vllm_backend_without_vllm_says_how_to_install(toy_family, tmp_path):
     assert config.backend == "vllm"  # the config itself validates without vllm
     rev = toy_family.search_tasks["rev"]
     for attempt in (lambda: Evaluator(config, [TaskSpec(task=rev)]), lambda: vllm_lm(toy_family.base, config)):
-        with pytest.raises(EvaluatorError, match=r"^eval config: backend: .*pip install 'evomerge\[gpu\]'") as caught:
+        with pytest.raises(InputError, match=r"^eval config: backend: .*pip install 'evomerge\[gpu\]'") as caught:
             attempt()
         assert "\n" not in str(caught.value)

@@ -10,8 +10,9 @@ import psutil
 import pytest
 from ray import cloudpickle
 
-from search.execution import Outcome, WorkerPool, WorkerStartError
-from search.ray_runtime import ray_temp_dir, start_ray, stop_ray
+from search.execution.pool import Outcome, WorkerPool, WorkerStartError
+from search.execution.ray_runtime import ray_temp_dir, start_ray, stop_ray
+from search.run_dir import RunDir
 
 # Ray workers cannot import this test module: ship its factory and worker classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -68,7 +69,7 @@ class ScriptedFactory:
 def ray_session(tmp_path_factory):
     # A deliberately long run dir: Ray's socket paths must not grow with it.
     run_dir = tmp_path_factory.mktemp("a-run-dir-with-a-rather-long-name-" + "x" * 60)
-    start_ray(None, run_dir, num_cpus=2)
+    start_ray(None, RunDir(run_dir).ray_link, num_cpus=2)
     yield run_dir
     stop_ray()
 
@@ -211,14 +212,14 @@ def listening_sockets(driver: psutil.Process) -> list[tuple[str, str]]:
 
 
 def test_ray_listens_on_loopback_only_and_keeps_short_paths(ray_session):
-    start_ray(None, ray_session, num_cpus=2)  # idempotent: a second call changes nothing
+    start_ray(None, RunDir(ray_session).ray_link, num_cpus=2)  # idempotent: a second call changes nothing
     listeners = listening_sockets(psutil.Process())
     assert {"gcs_server"} <= {name for name, _ in listeners}, listeners
     for name, ip in listeners:
         address = ipaddress.ip_address(ip)
         assert (getattr(address, "ipv4_mapped", None) or address) == ipaddress.ip_address("127.0.0.1"), (name, ip)
-    link = ray_session / "ray"
-    assert link.resolve() == ray_temp_dir(ray_session)
+    link = RunDir(ray_session).ray_link
+    assert link.resolve() == ray_temp_dir(link)
     sockets = list(link.resolve().glob("session_*/sockets/*"))
     assert sockets and all(len(str(path)) < 107 for path in sockets)
     assert not (Path.home() / ".ray" / "auth_token").exists()

@@ -9,9 +9,10 @@ import transformers
 import yaml
 from mergekit.config import MergeConfiguration, evaluate_setting
 
+from merge_core.errors import InputError
 from merge_core.plan import plan_merge
 from merge_core.recipe import Recipe
-from search.config import ConfigError, SearchConfig
+from search.config import SearchConfig
 from search.genome import Genome, anchor_stride
 
 FINE_TUNES = ["org/sort", "org/reverse"]
@@ -224,5 +225,5 @@ def test_tied_embeddings_have_only_the_final_norm_after_the_layers():
 
 
 def test_filter_matching_no_layer_tensor_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"^search.yml: genome.filters\[1\]: expected a substring .* got 'attn_out'$"):
+    with pytest.raises(InputError, match=r"^search.yml: genome.filters\[1\]: expected a substring .* got 'attn_out'$"):
         make_genome(genome={"filters": ["mlp", "attn_out"]})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 
-from merge_core.errors import MergeCoreError
+from merge_core.errors import InputError
 from merge_core.methods import METHODS, MergeInputs
 from merge_core.methods.sparsify import della_rank_norm
 
@@ -202,7 +202,7 @@ def test_della_ranks_round_like_mergekit_in_wide_bf16_rows():
 
 def test_della_rejects_epsilon_outside_the_density_band():
     tensors = family((10,), 1, torch.float32)
-    with pytest.raises(MergeCoreError, match="density ± epsilon"):
+    with pytest.raises(InputError, match="density ± epsilon"):
         our_merge("della", tensors, 1, {"weight": [1.0], "density": [0.2], "epsilon": [0.3]}, {}, seed=0)
 
 

@@ -10,7 +10,7 @@ import yaml
 from safetensors import safe_open
 
 from merge_core import architecture
-from merge_core.errors import RecipeError, SourceError
+from merge_core.errors import InputError
 from merge_core.plan import plan_merge
 from merge_core.recipe import Recipe
 
@@ -44,9 +44,9 @@ def test_layout_by_name_not_by_sorted_position():
 
 
 def test_layouts_that_cannot_be_merged():
-    with pytest.raises(SourceError, match=r"layer 3 does not have the same tensors as layer 0 \(model.layers.3.mlp"):
+    with pytest.raises(InputError, match=r"layer 3 does not have the same tensors as layer 0 \(model.layers.3.mlp"):
         architecture.layout([name for name in NAMES if name != "model.layers.3.mlp.down_proj.weight"])
-    with pytest.raises(SourceError, match="more than one layer stack"):
+    with pytest.raises(InputError, match="more than one layer stack"):
         architecture.layout(NAMES + ["vision.blocks.0.attn.weight"])
 
 
@@ -175,16 +175,16 @@ def test_base_appended_last_and_dtypes():
 
 
 def test_plan_time_errors_name_the_field():
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(InputError) as error:
         plan("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: [2, 6]}]}]")
     assert str(error.value) == "<text>: slices[0].sources[0].layer_range: ends at layer 6 but a has 5 layers"
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(InputError) as error:
         plan("merge_method: linear\nmodels: [{model: a, parameters: {weight: [{filter: mlp, value: 1.0}]}}]")
     assert str(error.value) == (
         "<text>: models[0].parameters.weight: no filter entry matches tensor model.embed_tokens.weight and "
         "linear has no default: add a {value: ...} entry"
     )
-    with pytest.raises(SourceError, match="hold 5 layers but the model config says 4"):
+    with pytest.raises(InputError, match="hold 5 layers but the model config says 4"):
         plan("merge_method: linear\nmodels: [{model: a, parameters: {weight: 1.0}}]", num_layers=4)
 
 

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 
-from merge_core.errors import RecipeError
+from merge_core.errors import InputError
 from merge_core.recipe import Recipe
 
 GOOD = {
@@ -120,15 +120,17 @@ def test_file_path_and_where(tmp_path):
     assert by_path.where == by_str.where == str(path)
     assert by_path == Recipe.from_yaml(GOOD["slerp_slices"])  # where it came from is not part of it
     path.write_text(GOOD["slerp_slices"].replace("t: 0.3", "t: true"))
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(InputError) as error:
         Recipe.from_yaml(path)
     assert (
         str(error.value)
         == f"{path}: parameters.t: expected a number, a gradient list of numbers, or a filter list of them, not true/false"
     )
-    with pytest.raises(RecipeError, match=r"^missing\.yml: file: not found$"):
+    with pytest.raises(InputError, match=r"^missing\.yml: file: not found$"):
         Recipe.from_yaml("missing.yml")
-    with pytest.raises(RecipeError, match=r"^run-7: merge_method: required key is missing$"):
+    with pytest.raises(
+        InputError, match=r"^run-7: merge_method: expected a value, got nothing \(this field is required\)$"
+    ):
         Recipe.from_dict({"models": [{"model": "a"}]}, where="run-7")
 
 
@@ -143,7 +145,7 @@ slices:
 
 # (recipe text, field path, a fragment of what was expected)
 HOSTILE = [
-    (LINEAR_A + "foo: 1", "foo", "unknown key; expected one of name, merge_method"),
+    (LINEAR_A + "foo: 1", "foo", "unknown key; expected one of: name, merge_method"),
     ("merge_method: lineer\nmodels: [{model: a}]", "merge_method", "unknown method 'lineer'; expected one of linear"),
     (
         LINEAR_A + "slices: [{sources: [{model: a, layer_range: [0, 1]}]}]",
@@ -151,7 +153,7 @@ HOSTILE = [
         "exactly one of models: or slices:",
     ),
     ("merge_method: linear\nparameters: {weight: 1}", "models", "exactly one of models: or slices:"),
-    ("merge_method: linear\nmodels: []", "models", "at least one entry"),
+    ("merge_method: linear\nmodels: []", "models", "expected at least 1 item(s), got []"),
     (
         "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}, {model: c}]",
         "models[1].parameters.weight",
@@ -239,13 +241,13 @@ HOSTILE = [
     (
         LINEAR_A.replace("parameters:", "paramters:"),
         "models[0].paramters",
-        "unknown key; expected one of model, parameters",
+        "unknown key; expected one of: model, parameters",
     ),
     (LINEAR_A + "tokenizer_source: union", "tokenizer_source", "'union' is not supported yet"),
     (LINEAR_A + "tokenizer_source: base", "tokenizer_source", "'base' needs a base_model"),
     (LINEAR_A + "modules: {text: {models: [{model: a}]}}", "modules", "not supported yet"),
     (LINEAR_A + "tokenizer: {source: base}", "tokenizer", "not supported yet: use tokenizer_source"),
-    (LINEAR_A + "dtype: fp8", "dtype", "expected 'bfloat16', 'float16', 'float32' or 'float64', got 'fp8'"),
+    (LINEAR_A + "dtype: fp8", "dtype", "expected one of 'bfloat16', 'float16', 'float32' or 'float64', got 'fp8'"),
     (
         "merge_method: linear\nparameters: {weight: 1}\nmodels:\n  - model: a\n  - model: b\n  - model: a",
         "models[2].model",
@@ -284,7 +286,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize(("text", "field", "expected"), HOSTILE, ids=[case[1] for case in HOSTILE])
 def test_hostile_recipe_is_one_clear_line(text, field, expected):
-    with pytest.raises(RecipeError) as error:
+    with pytest.raises(InputError) as error:
         Recipe.from_yaml(text)
     message = str(error.value)
     assert message.startswith(f"<text>: {field}: "), message

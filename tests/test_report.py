@@ -5,17 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from search.report import (
-    AVERAGE,
-    HeldoutEntry,
-    RunSummary,
-    format_table,
-    heldout_comparison,
-    heldout_scores,
-    read_summary,
-    write_summary,
-)
-from search.statistics import paired_bootstrap
+from merge_core.errors import InputError
+from search.results.heldout import AVERAGE, HeldoutEntry, format_table, heldout_comparison, heldout_scores
+from search.results.statistics import paired_bootstrap
+from search.results.summary import RunSummary, read_summary, write_summary
+from search.run_dir import RunDir
 
 
 def correct_on(count: int, total: int) -> np.ndarray:
@@ -136,13 +130,14 @@ SUMMARY = {
 
 
 def test_summary_round_trips_through_summary_json(tmp_path):
-    path = write_summary(tmp_path, SUMMARY)
-    assert path == tmp_path / "summary.json"
-    assert json.loads(path.read_text())["trials"] == {"complete": 40, "failed": 2}
-    summary = read_summary(tmp_path)
+    run = RunDir.create(tmp_path / "run", "search.yml")
+    write_summary(run, RunSummary.model_validate(SUMMARY))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["trials"] == {"complete": 40, "failed": 2}
+    summary = read_summary(run)
     assert summary == RunSummary.model_validate(SUMMARY)
     assert summary.best.vs_parent.excludes_zero and summary.best.vs_baseline is None
-    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # the temporary file was renamed, not left
+    # the temporary file was renamed, not left beside the results
+    assert sorted(p.name for p in run.path.iterdir()) == ["evomerge-run.json", "recipes", "summary.json"]
 
 
 def test_summary_scores_come_straight_from_the_rows(rows):
@@ -151,8 +146,10 @@ def test_summary_scores_come_straight_from_the_rows(rows):
 
 
 def test_a_bad_summary_is_one_line_naming_the_file_and_field(tmp_path):
-    with pytest.raises(ValueError, match=r"summary\.json: trials\.failed: "):
-        write_summary(tmp_path, {**SUMMARY, "trials": {"complete": 1, "failed": "many"}})
-    (tmp_path / "summary.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"summary\.json: \(top level\): Invalid JSON"):
-        read_summary(tmp_path)
+    run = RunDir.create(tmp_path / "run", "search.yml")
+    run.summary.write_text(json.dumps({**SUMMARY, "trials": {"complete": 1, "failed": "many"}}))
+    with pytest.raises(InputError, match=r"summary\.json: trials\.failed: expected an integer, got 'many'$"):
+        read_summary(run)
+    run.summary.write_text("{not json")
+    with pytest.raises(InputError, match=r"summary\.json: <top level>: .*JSON"):
+        read_summary(run)

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from evaluators.config import EvalConfig
-from search.config import ConfigError, SearchConfig
+from merge_core.errors import InputError
+from search.config import SearchConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = """\
@@ -192,7 +193,7 @@ def edit(data: dict, dotted: str, value: object) -> dict:
 @pytest.mark.parametrize(("field", "value", "message"), HOSTILE, ids=[f"{f}={v!r}" for f, v, _ in HOSTILE])
 def test_hostile_config_gives_one_line_naming_the_field(config_dir: Path, field: str, value: object, message: str):
     path = write(config_dir, edit(yaml.safe_load(MINIMAL), field, value))
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(InputError) as caught:
         SearchConfig.from_yaml(path)
     text = str(caught.value)
     assert "\n" not in text
@@ -202,7 +203,7 @@ def test_hostile_config_gives_one_line_naming_the_field(config_dir: Path, field:
 def test_two_objectives_need_a_pareto_optimizer(config_dir: Path):
     data = yaml.safe_load(MINIMAL)
     data["objectives"].append({"task": "toy_rev_search", "metric": "acc"})
-    with pytest.raises(ConfigError, match=r"search.yml: optimizer.name: expected nsga2 or random for 2 objectives"):
+    with pytest.raises(InputError, match=r"search.yml: optimizer.name: expected nsga2 or random for 2 objectives"):
         SearchConfig.from_yaml(write(config_dir, data))
 
 
@@ -215,12 +216,12 @@ def test_two_objectives_need_a_pareto_optimizer(config_dir: Path):
     ],
 )
 def test_unreadable_files_give_one_line(config_dir: Path, text: str, message: str):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(InputError, match=message):
         SearchConfig.from_yaml(write(config_dir, text))
 
 
 def test_missing_file_gives_one_line(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"nope.yml: <file>: expected a readable YAML file, got No such file"):
+    with pytest.raises(InputError, match=r"nope.yml: <file>: expected a readable YAML file, got No such file"):
         SearchConfig.from_yaml(tmp_path / "nope.yml")
 
 
@@ -241,5 +242,5 @@ def test_demo_config_loads_once_the_family_is_filled_in(tmp_path: Path):
     assert config.output_dir == tmp_path / "run"
     assert config.merge.method == "ties"
     assert [spec.task for spec in config.held_out_specs()] == ["toy_srt_test", "toy_rev_test", "toy_cae_test"]
-    with pytest.raises(ConfigError, match=r"demo.yml: models.base: expected a local directory or a hub id"):
+    with pytest.raises(InputError, match=r"demo.yml: models.base: expected a local directory or a hub id"):
         SearchConfig.from_yaml(ROOT / "configs" / "demo.yml")  # {family} not filled in

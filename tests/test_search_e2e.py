@@ -15,9 +15,11 @@ import torch
 import yaml
 
 from merge_core import MergeSession, Recipe
+from merge_core.errors import InputError
 from search.cli import main
-from search.export import export_recipe
-from search.report import read_summary
+from search.results.export import export_recipe
+from search.results.summary import read_summary
+from search.run_dir import RunDir
 from search.runner import run_search
 
 EVOMERGE = Path(sys.executable).parent / "evomerge"
@@ -109,9 +111,9 @@ def test_export_rank_and_objective_choices(cmaes_run):
     run_dir = config.parent / "run"
     assert export_recipe(run_dir, rank=1) == export_recipe(run_dir)
     assert export_recipe(run_dir, objective="toy_search") == export_recipe(run_dir)
-    with pytest.raises(ValueError, match="--rank"):
+    with pytest.raises(InputError, match=r"run: --rank: expected 1 to \d+ \(the front's size\), got"):
         export_recipe(run_dir, rank=len(summary.front) + 1)
-    with pytest.raises(ValueError, match="--objective"):
+    with pytest.raises(InputError, match=r"run: --objective: expected one of \['toy_search'\], got 'nope'"):
         export_recipe(run_dir, objective="nope")
 
 
@@ -183,7 +185,7 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(toy_family, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     after = study_states(run_dir)
     assert all(after[n] == "COMPLETE" for n in before)  # nothing finished was lost
-    summary = read_summary(run_dir)
+    summary = read_summary(RunDir.open(run_dir))
     assert summary.trials.complete + summary.trials.failed == 8  # the budget counts the first session's trials
     assert json.loads((run_dir / "tracking.json").read_text())["parent_run_id"] == parent
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")

@@ -168,22 +168,22 @@ def test_apply_writes_the_merge_into_a_live_model(tiny_family, session):
 
 
 def test_apply_rejects_non_finite_weights(tiny_family, session):
-    from merge_core.errors import MergeCoreError
+    from merge_core.errors import InputError
 
     recipe = Recipe.from_yaml(
         f"merge_method: linear\nmodels:\n  - {{model: {tiny_family['child0']}, parameters: {{weight: 1.0}}}}\n"
         f"  - {{model: {tiny_family['child1']}, parameters: {{weight: -1.0}}}}\n"
     )
     model = AutoModelForCausalLM.from_pretrained(tiny_family["base"])
-    with pytest.raises(MergeCoreError, match="NaN or infinite"):
+    with pytest.raises(InputError, match="NaN or infinite"):
         session.apply(recipe, model)  # weights sum to 0: linear's normalisation divides by zero, as mergekit does
 
 
 def test_recipe_from_another_session_is_an_error(tiny_family, tmp_path):
-    from merge_core.errors import RecipeError
+    from merge_core.errors import InputError
 
     small = MergeSession([tiny_family["base"], tiny_family["child0"]])
-    with pytest.raises(RecipeError, match="not loaded in this session"):
+    with pytest.raises(InputError, match="not loaded in this session"):
         small.materialize(Recipe.from_yaml(recipes(tiny_family)["model_stock"]))
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from search.statistics import PairedDiff, hypervolume, paired_bootstrap, pareto_front
+from search.results.statistics import PairedDiff, hypervolume, paired_bootstrap, pareto_front
 
 
 def test_identical_scores_give_a_zero_width_interval_at_zero():

@@ -15,6 +15,7 @@ from evaluators.toy_family.splits import make_splits, training_stream
 from evaluators.toy_family.tasks import read_items
 from evaluators.toy_family.tokenizer import EOS_ID, build_tokenizer, encode
 from evaluators.toy_family.training import Architecture, TrainRecipe
+from merge_core.errors import InputError
 
 # A family small enough to build twice in a couple of seconds: for determinism, caching and placement.
 TINY = FamilySize(
@@ -140,21 +141,21 @@ def test_out_dir_gets_a_self_contained_copy(tmp_path, tiny_size):
     assert build_family(tmp_path / "fam", size=tiny_size, skills=["rev", "srt"], cache_dir=tmp_path / "cache").root == (
         family.root
     )
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(InputError, match="expected an empty directory or a toy family built with these parameters"):
         build_family(tmp_path / "fam", size=tiny_size, skills=["rev", "cae"], cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"size": "huge"}, "size 'huge' is not one of test, demo"),
-        ({"skills": ["srt", "nope"]}, "unknown skill 'nope'"),
-        ({"skills": ["srt"]}, "2 to 4 distinct"),
-        ({"skills": ["srt", "srt"]}, "2 to 4 distinct"),
+        ({"size": "huge"}, "^toy family: size: expected one of test, demo, got 'huge'$"),
+        ({"skills": ["srt", "nope"]}, "^toy family: skills: expected some of .*, got 'nope'$"),
+        ({"skills": ["srt"]}, "^toy family: skills: expected 2 to 4 distinct names, got srt$"),
+        ({"skills": ["srt", "srt"]}, "^toy family: skills: expected 2 to 4 distinct names, got srt,srt$"),
     ],
 )
 def test_bad_parameters_give_one_clear_line(tmp_path, kwargs, message):
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(InputError, match=message) as error:
         build_family(cache_dir=tmp_path, **kwargs)
     assert "\n" not in str(error.value)
 

@@ -13,8 +13,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-from search.report import HeldoutEntry, heldout_comparison
-from search.tracking import Tracker
+from merge_core.errors import InputError
+from search.results.heldout import HeldoutEntry, heldout_comparison
+from search.results.tracking import Tracker
 
 CONFIG = {"seed": 7, "optimizer": {"name": "cmaes", "popsize": 4}, "models": [{"path": "a"}, {"path": "b"}]}
 OBJECTIVES, DIRECTIONS = ["arith", "copy"], ["maximize", "maximize"]
@@ -68,7 +69,7 @@ def artifact_text(run_id: str, path: str, tracking_uri: str, dst: Path) -> str:
 
 
 def test_a_search_logs_a_parent_with_nested_trials_and_its_front(tracking_uri, run_dir, tmp_path):
-    tracker = Tracker(tracking_uri, "search-and-front", run_dir)
+    tracker = Tracker(tracking_uri, "search-and-front", run_dir / "tracking.json")
     parent_id = tracker.start("toy-search", CONFIG, {"purpose": "test"})
     log_trials(tracker, range(5))
     tracker.log_step(1, {"arith": 0.4, "copy": 1.0}, hypervolume=0.42)
@@ -121,12 +122,12 @@ def test_a_search_logs_a_parent_with_nested_trials_and_its_front(tracking_uri, r
 
 
 def test_resume_continues_the_same_parent_without_duplicating_trials(tracking_uri, run_dir):
-    first = Tracker(tracking_uri, "resume", run_dir)
+    first = Tracker(tracking_uri, "resume", run_dir / "tracking.json")
     parent_id = first.start("toy-search", CONFIG)
     log_trials(first, range(5))
     first.finish("failed")  # what the main loop records when the search is killed
 
-    resumed = Tracker(tracking_uri, "resume", run_dir)
+    resumed = Tracker(tracking_uri, "resume", run_dir / "tracking.json")
     assert resumed.start("toy-search", CONFIG, resume=True) == parent_id
     client = MlflowClient(tracking_uri)
     assert client.get_run(parent_id).info.status == "RUNNING"
@@ -149,7 +150,7 @@ def test_resume_continues_the_same_parent_without_duplicating_trials(tracking_ur
 
 
 def test_a_replay_with_other_genes_is_refused(tracking_uri, run_dir):
-    tracker = Tracker(tracking_uri, "replay", run_dir)
+    tracker = Tracker(tracking_uri, "replay", run_dir / "tracking.json")
     tracker.start("toy-search", CONFIG)
     log_trials(tracker, [1])
     with pytest.raises(ValueError, match=r"trial 1: already logged .* other gene values"):
@@ -157,21 +158,21 @@ def test_a_replay_with_other_genes_is_refused(tracking_uri, run_dir):
 
 
 def test_resume_problems_are_one_line_errors_naming_tracking_json(tracking_uri, run_dir):
-    tracker = Tracker(tracking_uri, "resume-errors", run_dir)
+    tracker = Tracker(tracking_uri, "resume-errors", run_dir / "tracking.json")
     assert tracker.start("fresh", CONFIG, resume=True)  # nothing to resume yet: a new parent
     other_uri = "http://127.0.0.1:9"  # checked before any request is made
-    with pytest.raises(ValueError, match=r"tracking\.json: tracking_uri: this search was tracked at sqlite:///"):
-        Tracker(other_uri, "resume-errors", run_dir).start("fresh", CONFIG, resume=True)
+    with pytest.raises(InputError, match=r"tracking\.json: tracking_uri: this search was tracked at sqlite:///"):
+        Tracker(other_uri, "resume-errors", run_dir / "tracking.json").start("fresh", CONFIG, resume=True)
     (run_dir / "tracking.json").write_text("{broken")
-    with pytest.raises(ValueError, match=r"tracking\.json: expected JSON with tracking_uri"):
-        Tracker(tracking_uri, "resume-errors", run_dir).start("fresh", CONFIG, resume=True)
+    with pytest.raises(InputError, match=r"tracking\.json: expected JSON with tracking_uri"):
+        Tracker(tracking_uri, "resume-errors", run_dir / "tracking.json").start("fresh", CONFIG, resume=True)
     (run_dir / "tracking.json").write_text(json.dumps({"tracking_uri": tracking_uri, "parent_run_id": "0" * 32}))
-    with pytest.raises(ValueError, match=r"tracking\.json: parent_run_id: run 0{32} not found"):
-        Tracker(tracking_uri, "resume-errors", run_dir).start("fresh", CONFIG, resume=True)
+    with pytest.raises(InputError, match=r"tracking\.json: parent_run_id: run 0{32} not found"):
+        Tracker(tracking_uri, "resume-errors", run_dir / "tracking.json").start("fresh", CONFIG, resume=True)
 
 
 def test_single_objective_front_and_heldout_table(tracking_uri, run_dir, tmp_path):
-    tracker = Tracker(tracking_uri, "single-objective", run_dir)
+    tracker = Tracker(tracking_uri, "single-objective", run_dir / "tracking.json")
     parent_id = tracker.start("one-objective", CONFIG)
     for number in range(4):
         tracker.log_trial(number, genes(number), "", {"acc,none": number / 4}, "complete", merge_s=0.1, eval_s=0.1)
@@ -198,7 +199,7 @@ def test_single_objective_front_and_heldout_table(tracking_uri, run_dir, tmp_pat
 
 
 def test_ui_command_serves_the_database_on_loopback(tracking_uri, run_dir):
-    tracker = Tracker(tracking_uri, "ui", run_dir)
+    tracker = Tracker(tracking_uri, "ui", run_dir / "tracking.json")
     database = tracking_uri.removeprefix("sqlite:///")
     assert tracker.ui_command() == (
         f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///{database} "
@@ -208,7 +209,7 @@ def test_ui_command_serves_the_database_on_loopback(tracking_uri, run_dir):
 
 def test_a_fresh_search_database_is_quiet_and_keeps_artifacts_in_the_run_dir(tmp_path, capfd):
     run_dir = tmp_path / "run"
-    tracker = Tracker(f"sqlite:///{run_dir / 'mlflow.db'}", "evomerge", run_dir)
+    tracker = Tracker(f"sqlite:///{run_dir / 'mlflow.db'}", "evomerge", run_dir / "tracking.json")
     parent_id = tracker.start("quiet", CONFIG)
     log_trials(tracker, range(2))
     tracker.log_front([{"trial": 1, **scores(1)}], OBJECTIVES, DIRECTIONS)

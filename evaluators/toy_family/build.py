@@ -27,6 +27,7 @@ from evaluators.toy_family.splits import make_splits, training_stream
 from evaluators.toy_family.tasks import SPLITS, read_items, task_name, write_tasks
 from evaluators.toy_family.tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
 from evaluators.toy_family.training import Architecture, TrainRecipe, new_model, torch_threads, train
+from merge_core.errors import InputError
 
 # Bump when anything that changes built families (skills, data mix, training loop) changes: old caches go stale.
 FAMILY_FORMAT = 1
@@ -114,7 +115,7 @@ def build_family(
     """
     skills = _check_skills(skills)
     if size not in SIZES:
-        raise ValueError(f"toy family: size {size!r} is not one of {', '.join(SIZES)}")
+        raise InputError("toy family", "size", f"expected one of {', '.join(SIZES)}, got {size!r}")
     params = {
         "format": FAMILY_FORMAT,
         "size": size,
@@ -129,7 +130,7 @@ def build_family(
     if out_dir is not None and _holds_family(Path(out_dir), key):
         return load_family(Path(out_dir))
     if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
-        raise ValueError(f"toy family: out_dir {out_dir} is not empty and holds no family with these parameters")
+        raise InputError(out_dir, None, "expected an empty directory or a toy family built with these parameters")
 
     cached = Path(cache_dir or _default_cache_dir()).resolve() / key
     if not _holds_family(cached, key):
@@ -145,9 +146,9 @@ def _check_skills(skills: Sequence[str]) -> tuple[str, ...]:
     names = [s.strip() for s in skills.split(",")] if isinstance(skills, str) else list(skills)
     unknown = [s for s in names if s not in SKILLS]
     if unknown:
-        raise ValueError(f"toy family: unknown skill {unknown[0]!r}; expected some of {', '.join(SKILLS)}")
+        raise InputError("toy family", "skills", f"expected some of {', '.join(SKILLS)}, got {unknown[0]!r}")
     if len(set(names)) != len(names) or not 2 <= len(names) <= 4:
-        raise ValueError(f"toy family: skills must be 2 to 4 distinct names, got {','.join(names)}")
+        raise InputError("toy family", "skills", f"expected 2 to 4 distinct names, got {','.join(names)}")
     return tuple(s for s in SKILLS if s in names)  # registry order: the same set gives the same family
 
 

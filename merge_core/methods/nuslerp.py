@@ -6,7 +6,7 @@ with nuslerp_flatten off it runs per row of the last dim, or with nuslerp_row_wi
 
 import torch
 
-from merge_core.errors import MergeCoreError
+from merge_core.errors import InputError
 from merge_core.methods.spec import MergeInputs, MergeMethod, Param
 
 
@@ -33,7 +33,7 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool, flatte
 def merge(inputs: MergeInputs) -> torch.Tensor:
     others = inputs.others()
     if len(others) != 2:
-        raise MergeCoreError(f"nuslerp: needs exactly 2 non-base models, got {len(others)} for {inputs.name!r}")
+        raise InputError("nuslerp", "models", f"needs exactly 2 non-base models, got {len(others)} for {inputs.name!r}")
     first, second = (inputs.tensors[index] for index in others)
     weights = [inputs.per_model["weight"][index] for index in others]
     total = sum(weights)

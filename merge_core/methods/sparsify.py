@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merge_core.errors import MergeCoreError
+from merge_core.errors import InputError
 from merge_core.methods.spec import Param
 
 Ranks = Callable[[torch.Tensor], torch.Tensor]
@@ -149,8 +149,10 @@ def drop_by_magnitude_rank(
     if density <= 0:
         return torch.zeros_like(delta)
     if density + epsilon >= 1 or density - epsilon <= 0:
-        raise MergeCoreError(
-            f"della: density ± epsilon must lie strictly inside (0, 1); got density={density}, epsilon={epsilon}"
+        raise InputError(
+            "della",
+            "epsilon",
+            f"density ± epsilon must lie strictly inside (0, 1); got density={density}, epsilon={epsilon}",
         )
     work_dtype = _random_work_dtype(delta)
     rank_norm = della_rank_norm(delta) if rank_norm is None else rank_norm

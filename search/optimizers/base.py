@@ -20,7 +20,9 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
+from sqlalchemy.exc import DatabaseError
 
+from merge_core.errors import InputError
 from search.genome import Genome
 
 INTERRUPTED = "interrupted"  # study user attr: numbers of trials a killed process left running
@@ -137,19 +139,27 @@ def open_study(path: Path, name: str, directions: Sequence[str], genome: Genome,
     """The run's study in the sqlite file `path`: created, or (resume) reopened and checked to match."""
     path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-    # WAL with synchronous=NORMAL survives a killed process (not a power cut) without an fsync per
-    # written param: with the default journal, recording a 400-gene trial took seconds instead of ~0.2 s.
-    event.listen(storage.engine, "connect", _sqlite_pragmas)
-    storage.engine.dispose()  # reconnect, so every connection has the pragmas
-    exists = name in optuna.study.get_all_study_names(storage)
-    study = optuna.create_study(storage=storage, study_name=name, directions=list(directions), load_if_exists=True)
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+        # WAL with synchronous=NORMAL survives a killed process (not a power cut) without an fsync per
+        # written param: with the default journal, recording a 400-gene trial took seconds instead of ~0.2 s.
+        event.listen(storage.engine, "connect", _sqlite_pragmas)
+        storage.engine.dispose()  # reconnect, so every connection has the pragmas
+        exists = name in optuna.study.get_all_study_names(storage)
+        study = optuna.create_study(storage=storage, study_name=name, directions=list(directions), load_if_exists=True)
+    except DatabaseError as err:
+        problem = " ".join(str(err.orig).split())
+        raise InputError(
+            path, None, f"expected an Optuna sqlite study, got a file that does not open ({problem})"
+        ) from None
     if exists and not resume and study.get_trials(deepcopy=False):
-        raise ValueError(f"{path}: study {name!r} already has trials: resume it, or choose another output_dir")
-    if [d.name.lower() for d in study.directions] != list(directions):
-        raise ValueError(f"{path}: study {name!r} has directions {study.directions}, the config asks {directions}")
+        raise InputError(path, name, "the study already has trials: resume it, or choose another output_dir")
+    found = [d.name.lower() for d in study.directions]
+    if found != list(directions):
+        raise InputError(path, name, f"expected a study with directions {list(directions)} (the config's), got {found}")
     if study.user_attrs.get(GENES, genome.names) != genome.names:
-        raise ValueError(f"{path}: study {name!r} searched another genome ({len(study.user_attrs[GENES])} genes)")
+        genes = len(study.user_attrs[GENES])
+        raise InputError(path, name, f"expected a study of this genome ({genome.dim} genes), got one of {genes} genes")
     study.set_user_attr(GENES, genome.names)
     return study
 

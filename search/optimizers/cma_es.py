@@ -196,5 +196,5 @@ class CmaEs(Optimizer):
         self._tell_if_complete()
 
 
-def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, run_dir: Path) -> Optimizer:
-    return CmaEs(study, genome, options, seed, Path(run_dir) / f"{study.study_name}.cmaes.pkl")
+def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, state: Path) -> Optimizer:
+    return CmaEs(study, genome, options, seed, state)

@@ -11,6 +11,6 @@ from search.optimizers.base import Optimizer, SamplerOptimizer
 DEFAULT_POPULATION = 50  # Optuna's default
 
 
-def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, run_dir: Path) -> Optimizer:
+def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, state: Path) -> Optimizer:
     sampler = optuna.samplers.NSGAIISampler(population_size=options.popsize or DEFAULT_POPULATION, seed=seed)
     return SamplerOptimizer(study, genome, sampler)

@@ -9,5 +9,5 @@ from search.genome import Genome
 from search.optimizers.base import Optimizer, SamplerOptimizer
 
 
-def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, run_dir: Path) -> Optimizer:
+def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, state: Path) -> Optimizer:
     return SamplerOptimizer(study, genome, optuna.samplers.TPESampler(seed=seed))

@@ -1,7 +1,7 @@
 """MLflow tracking for a search: one parent run per search, one nested child run per trial.
 
 Everything goes through `MlflowClient` (no fluent global "active run"), one batched call per trial. The parent
-run id lives in RUN_DIR/tracking.json so a resumed search continues under the same parent, and child runs are
+run id lives in the run's tracking.json (RunDir.tracking) so a resumed search continues under the same parent, and child runs are
 found again by their trial tag, so logging a trial twice updates its run instead of adding a duplicate.
 """
 
@@ -26,10 +26,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from search.report import HeldoutRow, format_table, write_json_atomically
-from search.statistics import DIRECTIONS
+from merge_core.errors import InputError
+from search.results.heldout import HeldoutRow, format_table
+from search.results.statistics import DIRECTIONS
+from search.run_dir import write_atomically
 
-TRACKING_FILE = "tracking.json"
 TRIAL_TAG = "evomerge.trial"  # how a resumed search finds a trial's child run again
 STATUS_TAG = "evomerge.status"
 ERROR_TAG = "evomerge.error"
@@ -87,8 +88,9 @@ def _now_ms() -> int:
 class Tracker:
     """A search's MLflow runs. Call `start` first; every other logging method needs the parent run."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_dir: Path):
-        self.tracking_uri, self.experiment, self.run_dir = tracking_uri, experiment, Path(run_dir)
+    def __init__(self, tracking_uri: str, experiment: str, state_file: Path):
+        # state_file: where the parent run's id is kept (RunDir.tracking), so a resumed search finds it again
+        self.tracking_uri, self.experiment, self.state_file = tracking_uri, experiment, Path(state_file)
         # MLflow logs database creation and migrations at INFO on the user's terminal: nothing they must act on.
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri)
@@ -105,10 +107,10 @@ class Tracker:
 
         `config` is plain data (SearchConfig.model_dump(mode="json")). A new parent gets it as flattened params
         (the seed among them) and as config.yaml, plus the package versions. With resume=True and a
-        RUN_DIR/tracking.json, the recorded parent is re-opened instead (its config params stay those the search
+        state file, the recorded parent is re-opened instead (its config params stay those the search
         started with); without that file a new parent starts.
         """
-        state_file = self.run_dir / TRACKING_FILE
+        state_file = self.state_file
         if resume and state_file.exists():
             return self._reopen(state_file, tags or {})
         self.experiment_id = self._experiment_id()
@@ -118,14 +120,12 @@ class Tracker:
         versions = {f"version.{package}": version for package, version in package_versions().items()}
         self._log_batch(self.parent_run_id, params=flatten(config) | versions)
         self.client.log_text(self.parent_run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
-        write_json_atomically(
-            state_file,
-            {
-                "tracking_uri": self.tracking_uri,
-                "experiment_id": self.experiment_id,
-                "parent_run_id": self.parent_run_id,
-            },
-        )
+        state = {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": run.info.run_id,
+        }
+        write_atomically(state_file, json.dumps(state, indent=2))
         return self.parent_run_id
 
     def _experiment_id(self) -> str:
@@ -133,9 +133,10 @@ class Tracker:
         if experiment is None:
             return self.client.create_experiment(self.experiment, artifact_location=self._artifact_location())
         if experiment.lifecycle_stage == "deleted":
-            raise ValueError(
-                f"{self.tracking_uri}: experiment {self.experiment!r} is deleted: restore it "
-                f"(mlflow experiments restore) or set tracking.experiment to another name"
+            raise InputError(
+                self.tracking_uri,
+                "tracking.experiment",
+                f"{self.experiment!r} is deleted: restore it (mlflow experiments restore) or choose another name",
             )
         return experiment.experiment_id
 
@@ -151,20 +152,21 @@ class Tracker:
             state = json.loads(state_file.read_text())
             recorded_uri, parent = state["tracking_uri"], state["parent_run_id"]
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"{state_file}: expected JSON with tracking_uri and parent_run_id ({err}); delete it to track anew"
+            raise InputError(
+                state_file, None, f"expected JSON with tracking_uri and parent_run_id ({err}); delete it to track anew"
             ) from None
         if recorded_uri != self.tracking_uri:
-            raise ValueError(
-                f"{state_file}: tracking_uri: this search was tracked at {recorded_uri}, not {self.tracking_uri}; "
-                f"resume with the same tracking URI"
+            raise InputError(
+                state_file,
+                "tracking_uri",
+                f"this search was tracked at {recorded_uri}, not {self.tracking_uri}; resume with the same tracking URI",
             )
         try:
             run = self.client.get_run(parent)
         except MlflowException:
             run = None
         if run is None or run.info.lifecycle_stage == "deleted":
-            raise ValueError(f"{state_file}: parent_run_id: run {parent} not found at {self.tracking_uri}")
+            raise InputError(state_file, "parent_run_id", f"run {parent} not found at {self.tracking_uri}")
         self.parent_run_id, self.experiment_id = parent, run.info.experiment_id
         # A killed search leaves its parent RUNNING or FAILED; either way it is running again now.
         self.client.update_run(parent, status="RUNNING")
@@ -320,6 +322,10 @@ class Tracker:
         self.client.log_text(parent, _to_csv(records), "front.csv")
         figure = plot_front(self.trial_scores, records, objectives, directions)
         self.client.log_figure(parent, figure, "front.png")
+
+    def log_best(self, best_file: Path) -> None:
+        """The recommended recipe (best.yml) on the parent, where a reviewer looks for the result."""
+        self.client.log_artifact(self._parent(), str(best_file))
 
     def log_heldout(self, rows: Sequence[HeldoutRow]) -> None:
         """The held-out comparison: heldout.csv, the terminal table as heldout.txt, and scores as metrics."""

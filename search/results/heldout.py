@@ -1,4 +1,4 @@
-"""The held-out comparison that decides whether a search helped, and RUN_DIR/summary.json.
+"""The held-out comparison that decides whether a search helped.
 
 Every entry (parent model, default mergekit recipe, evolved recipe) is scored per item on the same held-out
 items, so each evolved entry is compared with a reference by a paired bootstrap over those items.
@@ -14,23 +14,17 @@ Choices, stated once:
   held-out scores would bias the very comparison this module reports.
 """
 
-import json
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from search.statistics import PairedDiff, paired_bootstrap
+from search.results.statistics import PairedDiff, paired_bootstrap
 
 Kind = Literal["parent", "baseline", "evolved"]
 AVERAGE = "average"
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)
@@ -183,86 +177,3 @@ def format_table(rows: Sequence[HeldoutRow]) -> str:
             f"CI over items]; * = the CI excludes 0; {AVERAGE} = mean of the task scores."
         )
     return "\n".join(text)
-
-
-class ModelScores(BaseModel):
-    """A parent or baseline: held-out score per task, AVERAGE included."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    heldout: dict[str, float]
-
-
-class FrontMember(BaseModel):
-    """An evolved recipe on the final Pareto front."""
-
-    model_config = ConfigDict(extra="forbid")
-    trial: int
-    recipe: str  # the recipe file, relative to the run directory
-    search: dict[str, float]  # objective -> score on the search items
-    heldout: dict[str, float]  # task -> score on the held-out items, AVERAGE included
-
-
-class BestModel(FrontMember):
-    """The front member the search recommends, with its held-out AVERAGE comparisons."""
-
-    chosen_by: str  # how it was picked, e.g. "highest mean search score"
-    best_parent: str | None = None
-    vs_parent: PairedDiff | None = None
-    best_baseline: str | None = None
-    vs_baseline: PairedDiff | None = None
-
-
-class TrialCounts(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    complete: int
-    failed: int
-
-
-class RunSummary(BaseModel):
-    """RUN_DIR/summary.json: what a finished (or interrupted) search found."""
-
-    model_config = ConfigDict(extra="forbid")
-    parents: list[ModelScores]
-    baselines: list[ModelScores]
-    front: list[FrontMember]
-    best: BestModel | None
-    trials: TrialCounts
-    wall_s: float
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write next to `path` and rename it into place, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    write_text_atomically(path, json.dumps(data, indent=2))
-
-
-def write_summary(run_dir: Path, summary: RunSummary | Mapping[str, Any]) -> Path:
-    """Validate `summary` and write RUN_DIR/summary.json atomically; returns the path."""
-    path = Path(run_dir) / SUMMARY_FILE
-    model = summary if isinstance(summary, RunSummary) else _validated(path, lambda: RunSummary.model_validate(summary))
-    write_json_atomically(path, model.model_dump(mode="json"))
-    return path
-
-
-def read_summary(run_dir: Path) -> RunSummary:
-    path = Path(run_dir) / SUMMARY_FILE
-    return _validated(path, lambda: RunSummary.model_validate_json(path.read_bytes()))
-
-
-def _validated(path: Path, validate: Callable[[], RunSummary]) -> RunSummary:
-    """Run a pydantic validation, turning its first error into one line naming the file and the field."""
-    try:
-        return validate()
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-        raise ValueError(f"{path}: {field}: {first['msg']}") from None

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from search import baselines
 from search.config import SearchConfig
+from search.execution.preflight import preflight, worker_spec
+from search.execution.worker import HELDOUT, SEARCH, CandidateWorker, Job
 from search.genome import Genome
-from search.runner import preflight, worker_spec
-from search.worker import HELDOUT, SEARCH, CandidateWorker, Job
+from search.results import baselines
 
 
 def plan_search(config_path: Path) -> str:

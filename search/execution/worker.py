@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from evaluators import EvalConfig, Evaluator, TaskSpec
-from merge_core import MergeCoreError, MergeSession, Recipe
+from merge_core import InputError, MergeSession, Recipe
 
 SEARCH, HELDOUT = "search", "heldout"
 
@@ -82,7 +82,7 @@ class CandidateWorker:
             tensors = self.session.materialize(recipe, seed=job.seed)
             bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
             if bad:
-                raise MergeCoreError(f"merged tensor {bad} has NaN or infinite values")
+                raise InputError(recipe.where, None, f"merged tensor {bad} has NaN or infinite values")
             load_candidate(self.lm, tensors, self.spec.eval_config)
         merged = time.perf_counter()
         scores = self.evaluators[job.split].evaluate(self.lm)

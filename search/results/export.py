@@ -5,9 +5,9 @@ from pathlib import Path
 import yaml
 
 from merge_core import Recipe
-from search.report import FrontMember, read_summary
-
-RESOLVED_CONFIG = "search.yml"  # the run dir's copy of the config, every default filled in
+from merge_core.errors import InputError
+from search.results.summary import FrontMember, read_summary
+from search.run_dir import RunDir
 
 
 def export_text(recipe_yaml: str, seed: int) -> str:
@@ -20,26 +20,26 @@ def export_text(recipe_yaml: str, seed: int) -> str:
     return f"# evolved by evomerge\n{how}{recipe.to_yaml()}"
 
 
-def choose(run_dir: Path, front: list[FrontMember], objective: str | None, rank: int | None) -> FrontMember:
+def choose(run: RunDir, front: list[FrontMember], config: dict, objective: str | None, rank: int | None) -> FrontMember:
     if objective is not None:
-        config = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text())
         directions = {o["task"]: o["direction"] for o in config["objectives"]}
         if objective not in directions:
-            raise ValueError(f"{run_dir}: --objective: expected one of {sorted(directions)}, got {objective!r}")
+            raise InputError(run.path, "--objective", f"expected one of {sorted(directions)}, got {objective!r}")
         sign = 1.0 if directions[objective] == "maximize" else -1.0
         return max(front, key=lambda member: sign * member.search[objective])
     if rank is not None:
         if not 1 <= rank <= len(front):
-            raise ValueError(f"{run_dir}: --rank: expected 1 to {len(front)} (the front's size), got {rank}")
+            raise InputError(run.path, "--rank", f"expected 1 to {len(front)} (the front's size), got {rank}")
         return front[rank - 1]
     return front[0]
 
 
 def export_recipe(run_dir: Path, objective: str | None = None, rank: int | None = None) -> str:
     """The front member asked for (default: the best, as summary.json ranks the front) as mergekit YAML."""
-    summary = read_summary(run_dir)
+    run = RunDir.open(run_dir)
+    summary = read_summary(run)
     if not summary.front:
-        raise ValueError(f"{run_dir}: summary.json: the search has no complete trial to export")
-    member = choose(run_dir, summary.front, objective, rank)
-    seed = yaml.safe_load((run_dir / RESOLVED_CONFIG).read_text())["seed"]
-    return export_text((run_dir / member.recipe).read_text(), seed)
+        raise InputError(run.summary, "front", "the search has no complete trial to export")
+    config = yaml.safe_load(run.read_text(run.resolved_config))
+    member = choose(run, summary.front, config, objective, rank)
+    return export_text(run.read_text(run.path / member.recipe), config["seed"])

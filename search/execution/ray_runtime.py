@@ -8,7 +8,7 @@ Local defaults, and why:
   each driver process gets a fresh random token in `RAY_AUTH_TOKEN`, which Ray's processes inherit; a token
   or auth mode the user already set in the environment wins.
 - Ray puts Unix sockets under its temp dir and socket paths are limited to ~107 bytes, so the session files
-  live in a short `/tmp/evomerge-ray-<hash of run dir>` directory; `<run dir>/ray` links to it.
+  live in a short `/tmp/evomerge-ray-<hash of run dir>` directory; the run dir's `ray` link points to it.
 """
 
 import hashlib
@@ -25,14 +25,16 @@ SHORT_TEMP_ROOT = Path("/tmp")
 AUTH_ENV_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
-def ray_temp_dir(run_dir: Path) -> Path:
+def ray_temp_dir(link: Path) -> Path:
     """The short, per-user, per-run directory Ray keeps its session files (and sockets) in."""
-    key = f"{os.getuid()}:{Path(run_dir).resolve()}"
+    key = f"{os.getuid()}:{Path(link).parent.resolve()}"  # the run dir: resolving the link itself would follow it
     return SHORT_TEMP_ROOT / f"evomerge-ray-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def start_ray(address: str | None, run_dir: Path, num_cpus: int | None, object_store_mb: int = 100) -> None:
+def start_ray(address: str | None, link: Path, num_cpus: int | None, object_store_mb: int = 100) -> None:
     """Start a loopback-only local Ray (address=None) or join the cluster at `address`. Idempotent.
+
+    `link` (RunDir.ray_link) becomes a symlink to the local Ray's temp dir, so its logs are found from the run.
 
     num_cpus=None sizes a local Ray to the machine's cores; GPUs are detected by Ray itself.
     """
@@ -51,7 +53,7 @@ def start_ray(address: str | None, run_dir: Path, num_cpus: int | None, object_s
         # Ray turns token mode on by itself for a new local cluster (and refreshes its cached config);
         # setting the mode here would come too late for a config Ray read at import.
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    temp_dir = prepare_temp_dir(Path(run_dir))
+    temp_dir = prepare_temp_dir(Path(link))
     ray.init(
         num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
         object_store_memory=object_store_mb * 1024**2,
@@ -71,15 +73,14 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def prepare_temp_dir(run_dir: Path) -> Path:
-    """Create the short temp dir (private to this user) and record it as the `<run dir>/ray` symlink."""
-    temp_dir = ray_temp_dir(run_dir)
+def prepare_temp_dir(link: Path) -> Path:
+    """Create the short temp dir (private to this user) and point the symlink `link` at it."""
+    temp_dir = ray_temp_dir(link)
     temp_dir.mkdir(mode=0o700, exist_ok=True)
     # /tmp is shared: refuse a directory someone else created at our name (or a symlink planted there).
     if temp_dir.is_symlink() or temp_dir.stat().st_uid != os.getuid():
         raise RuntimeError(f"{temp_dir}: Ray temp dir is not a directory owned by this user; remove it and retry")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    link = run_dir / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() and link.readlink() != temp_dir:
         link.unlink()
     if not link.is_symlink():

@@ -34,8 +34,9 @@ from pathlib import PurePath
 import numpy as np
 
 from merge_core import architecture
+from merge_core.errors import InputError
 from merge_core.recipe import Recipe
-from search.config import ConfigError, SearchConfig
+from search.config import SearchConfig
 
 MAX_STRIDE = 1000  # never reached for depths up to 1024; a guard against looping forever
 
@@ -90,7 +91,7 @@ class Genome:
         for index, name in enumerate(filters):
             if not any(name in tensor for tensor in layer_tensors):
                 example = layer_tensors[0] if layer_tensors else "none"
-                raise ConfigError(
+                raise InputError(
                     self.config.where,
                     f"genome.filters[{index}]",
                     f"expected a substring of some layer tensor name (e.g. {example!r}), got {name!r}",
