@@ -24,10 +24,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 def cmd_toy_family(args: argparse.Namespace) -> None:
     from evaluators.toy_family import build_family
+    from search.progress import Progress
 
     skills = [s.strip() for s in args.skills.split(",")] if args.skills else None
     options = {"skills": skills} if skills else {}
-    family = build_family(Path(args.out_dir), size=args.size, seed=args.seed, **options)
+    with Progress() as progress:
+        family = build_family(
+            Path(args.out_dir), size=args.size, seed=args.seed, on_progress=progress.stages("toy family"), **options
+        )
     print(family)
 
 
@@ -55,10 +59,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def cmd_ui(args: argparse.Namespace) -> None:
+    from functools import partial
+
+    from search.results.dashboard import serve
+
+    serve(Path(args.run_dir), port=args.port, optuna=args.optuna, say=partial(print, flush=True))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from search.demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), size=args.size, trials=args.trials)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--rank", type=int, help="the K-th front member by mean search score (1 = best)")
     export.set_defaults(run=cmd_export)
 
+    ui = commands.add_parser("ui", help="serve a run's MLflow dashboard (and its Optuna study) on 127.0.0.1")
+    ui.add_argument("run_dir")
+    ui.add_argument("--port", type=int, default=5000, help="the MLflow UI's port (default 5000)")
+    ui.add_argument(
+        "--optuna", action="store_true", help="also serve the run's Optuna study with optuna-dashboard on PORT+1"
+    )
+    ui.set_defaults(run=cmd_ui)
+
     demo = commands.add_parser("demo", help="build the demo toy family, run a short search, export the best recipe")
     demo.add_argument("--out", default="evomerge-demo", help="demo directory (default: ./evomerge-demo)")
+    demo.add_argument("--size", default="demo", choices=["test", "demo"], help="toy family size (default: demo)")
+    demo.add_argument("--trials", type=int, help="search this many trials instead of configs/demo.yml's 60")
     demo.set_defaults(run=cmd_demo)
 
     toy = commands.add_parser("toy-family", help="build the tiny char-level Llama family used by tests and demo")

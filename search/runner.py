@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import optuna
 import ray
 import yaml
 from optuna.trial import TrialState
@@ -29,6 +30,7 @@ from search.execution.worker import CandidateWorker, Job, JobResult
 from search.fitness import Objectives
 from search.genome import Genome
 from search.optimizers import Optimizer, make_optimizer
+from search.progress import Progress
 from search.results.final import FinalComparison
 from search.results.front import Front
 from search.results.summary import RunSummary
@@ -37,8 +39,8 @@ from search.run_dir import RunDir
 
 
 class Search:
-    def __init__(self, config: SearchConfig, resume: bool, say: Callable[[str], None] = print):
-        self.config, self.say = config, say
+    def __init__(self, config: SearchConfig, resume: bool, reporter: Progress):
+        self.config, self.reporter, self.say = config, reporter, reporter.line
         RunDir(config.output_dir).expect_search(resume, config.where)
         checked = preflight(config)  # before the run dir exists: bad input leaves nothing behind
         self.run_dir = RunDir.open(config.output_dir) if resume else RunDir.create(config.output_dir, config.where)
@@ -49,6 +51,7 @@ class Search:
             )
         self.genome = Genome(config, checked.tensor_names, checked.num_layers)
         self.objectives = Objectives.of(config)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO ('A new study created') is no progress
         self.optimizer: Optimizer = make_optimizer(config, self.genome, self.run_dir, resume)
         if not resume and config.optimizer.warm_start:
             for x in self.genome.default_candidates():
@@ -61,6 +64,8 @@ class Search:
             resume=resume,
         )
         self.asked: dict[int, tuple[np.ndarray, str]] = {}  # trials in flight: number -> (genome, recipe YAML)
+        self.items = 0  # items scored by this session's trials
+        self.trials = reporter.task("search", config.budget.trials, "trials", done=self.optimizer.n_done)
 
     # -- the search phase -----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -76,6 +81,8 @@ class Search:
             num_cpus=max(0.5, (os.cpu_count() or 1) / execution.workers - 0.25),
             num_gpus=execution.gpus_per_worker,
             trial_timeout_s=execution.trial_timeout,
+            # A cluster's workers write on their own nodes: there, Ray's per-node logs keep what they print.
+            worker_log=self.run_dir.worker_log if address is None else None,
         )
         try:
             self.search(pool, started)
@@ -91,6 +98,7 @@ class Search:
                 stop_ray()
         self.tracker.finish("complete")
         self.say(f"summary: {self.run_dir.summary}  best recipe: {self.run_dir.best}")
+        self.say(f"open the dashboard: evomerge ui {self.run_dir.path}")
         return summary
 
     def budget_left(self, started: float) -> bool:
@@ -113,9 +121,9 @@ class Search:
             if not self.asked:
                 return
             for outcome in pool.wait(timeout_s=5.0):
-                self.record(outcome, started)
+                self.record(outcome)
 
-    def record(self, outcome: Outcome, started: float) -> None:
+    def record(self, outcome: Outcome) -> None:
         number = outcome.key
         x, recipe_yaml = self.asked.pop(number)
         result: JobResult | None = outcome.value if outcome.ok else None
@@ -131,21 +139,24 @@ class Search:
             merge_s=result.merge_s if result else 0.0,
             eval_s=result.eval_s if result else 0.0,
             error=error,
+            items=result.items if result else None,
         )
         front = Front.of(self.completed(), self.objectives)
-        self.progress(number, values, error, front, started)
+        self.progress(number, result, values, error, front)
         if values:
             self.tracker.log_step(self.optimizer.n_done, front.best, front.hypervolume)
 
-    def progress(self, number: int, values: list[float] | None, error: str | None, front: Front, started: float):
-        done = self.optimizer.n_done
-        budget = self.config.budget.trials
-        elapsed = time.monotonic() - started
-        eta = f" eta {elapsed / max(done, 1) * (budget - done):.0f}s" if budget else ""
-        best = ", ".join(f"{k}={v:.4f}" for k, v in front.best.items()) if front.best else "-"
+    def progress(
+        self, number: int, result: JobResult | None, values: list[float] | None, error: str | None, front: Front
+    ) -> None:
+        self.items += result.items if result else 0
         status = " ".join(f"{v:.4f}" for v in values) if values else f"FAILED ({error})"
-        self.say(
-            f"[{done}/{budget or '∞'}] trial {number}: {status} | failed {done - len(front.points)} | best {best}{eta}"
+        self.trials.advance(
+            1,
+            f"trial {number}: {status}",
+            failed=self.optimizer.n_done - len(front.points),
+            items=self.items,
+            best=", ".join(f"{k}={v:.4f}" for k, v in front.best.items()) if front.best else "-",
         )
 
     def completed(self) -> dict[int, list[float]]:
@@ -156,12 +167,14 @@ class Search:
     def evaluate(self, pool: WorkerPool, recipes: dict[str, Recipe], split: str) -> dict[str, JobResult]:
         """Score named recipes on the pool (keys below zero never collide with trial numbers)."""
         names = list(recipes)
+        scored = self.reporter.task(f"scoring on the {split} split", len(names), "entries")
         for index, name in enumerate(names):
             pool.submit(-1 - index, Job(recipes[name].to_yaml(), seed=self.config.seed, split=split))
         results: dict[str, JobResult] = {}
         while pool.pending():
             for outcome in pool.wait(timeout_s=5.0):
                 name = names[-1 - outcome.key]
+                scored.advance(1)
                 if outcome.ok:
                     results[name] = outcome.value
                 else:
@@ -169,6 +182,9 @@ class Search:
         return results
 
 
-def run_search(config_path: Path, resume: bool = False, say: Callable[[str], None] = print) -> RunSummary:
+def run_search(config_path: Path, resume: bool = False, say: Callable[[str], None] | None = None) -> RunSummary:
+    """Run a search, showing its progress: plain lines through `say` (print, a list's append), or by default
+    on the terminal (live when stdout is one)."""
     config = SearchConfig.from_yaml(config_path)
-    return Search(config, resume, say).run()
+    with Progress(say) as reporter:
+        return Search(config, resume, reporter).run()

@@ -1,10 +1,13 @@
 """Hostile recipes through `evomerge merge`: exit code 2, one line on stderr, no traceback, no output directory."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from conftest import make_tiny_family
 
 from search.cli import main
@@ -111,3 +114,89 @@ def test_hostile_recipe_through_the_real_command(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and str(recipe) in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# --- search.yml mistakes: each is one line and exit 2 before any run directory exists --------------------
+
+
+def search_config(tmp_path: Path, toy_family, models: dict, **sections) -> Path:
+    config = {
+        "models": models,
+        "merge": {"method": "ties"},
+        "objectives": [{"task": "toy_search", "metric": "acc"}],
+        "evaluation": {"include_path": str(toy_family.tasks_dir)},
+        "budget": {"trials": 2},
+        "output_dir": str(tmp_path / "run"),
+        **sections,
+    }
+    path = tmp_path / "search.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def toy_models(family) -> dict:
+    return {"base": str(family.base), "fine_tunes": [str(path) for path in family.children.values()]}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "ray_address",
+            r"search\.yml: execution\.ray_address: expected 'local', 'auto' or a cluster address .*'not an address'",
+        ),
+        ("cuda_without_gpu", r"search\.yml: execution\.device: expected a device this machine has \(no CUDA device"),
+        (
+            "shape_mismatch",
+            r"wide/base: tensor [\w.]+ has shape \(48, 48\), .*/base has \(48, 32\)$",
+        ),
+        ("missing_task", r"toy_nope.*task: expected a task known to lm-eval"),
+    ],
+)
+def test_search_config_mistakes_stop_before_a_run_dir(
+    case, message, tmp_path, toy_family, tiny_family, odd_models, capsys
+):
+    if case == "cuda_without_gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: execution.device cuda is valid here")
+    models, sections = toy_models(toy_family), {}
+    if case == "ray_address":
+        sections = {"execution": {"ray_address": "not an address"}}
+    elif case == "cuda_without_gpu":
+        sections = {"execution": {"device": "cuda"}}
+    elif case == "shape_mismatch":
+        models = {"base": tiny_family["base"], "fine_tunes": [tiny_family["child0"], odd_models["wide"]]}
+    else:
+        sections = {"objectives": [{"task": "toy_nope", "metric": "acc"}]}
+    code = main(["run", str(search_config(tmp_path, toy_family, models, **sections))])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evomerge: error: ") and "Traceback" not in err, err
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+# --- what is not the user's fault ---------------------------------------------------------------------
+
+
+def test_an_internal_bug_is_exit_1_and_says_it_is_not_the_input(monkeypatch, capsys):
+    def broken(args):
+        raise KeyError("lost")
+
+    monkeypatch.setattr("search.cli.cmd_merge", broken)
+    monkeypatch.delenv("EVOMERGE_DEBUG", raising=False)
+    assert main(["merge", "recipe.yml", "out"]) == 1
+    err = capsys.readouterr().err
+    assert err == "evomerge: internal error: KeyError: 'lost' (EVOMERGE_DEBUG=1 shows the traceback)\n"
+    monkeypatch.setenv("EVOMERGE_DEBUG", "1")
+    with pytest.raises(KeyError, match="lost"):  # with the switch, the real traceback
+        main(["merge", "recipe.yml", "out"])
+
+
+def test_ctrl_c_is_exit_130_and_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("search.cli.cmd_run", interrupted)
+    assert main(["run", "search.yml"]) == 130
+    assert capsys.readouterr().err == "evomerge: interrupted\n"

@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import time
 
 import lm_eval
 import pytest
@@ -202,9 +201,7 @@ def test_hostile_task_specs_fail_with_one_line_before_any_scoring(toy_family, li
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     write_task(tmp_path, "hub_only", dataset_path="evomerge-test/not-downloaded", dataset_kwargs={})
-    started = time.perf_counter()
     expect_one_line_error(local, [TaskSpec(task="hub_only")], "(hub_only): data:", "not-downloaded")
-    assert time.perf_counter() - started < 5
 
 
 def test_config_errors_read_as_one_line():

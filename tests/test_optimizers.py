@@ -1,7 +1,7 @@
 """The optimizers on cheap analytic objectives, with real Optuna, pycma and sqlite storage."""
 
+import json
 import math
-import pickle
 import shutil
 from pathlib import Path
 
@@ -151,10 +151,10 @@ def test_cma_takes_results_the_checkpoint_missed_from_the_study(tmp_path: Path):
     run(optimizer, POPSIZE - 1)
     trial = optimizer.ask()
     checkpoint = optimizer.checkpoint
-    shutil.copy(checkpoint, tmp_path / "before_tell.pkl")
+    shutil.copy(checkpoint, tmp_path / "before_tell.json")
     optimizer.tell(trial.number, [sphere(trial.x)])  # completes generation 1
     del optimizer
-    shutil.copy(tmp_path / "before_tell.pkl", checkpoint)  # killed after the study's tell, before the save
+    shutil.copy(tmp_path / "before_tell.json", checkpoint)  # killed after the study's tell, before the save
     resumed = open_optimizer(tmp_path / "b", "cmaes", seed=4, resume=True)
     assert resumed.state.es.countiter == 1  # the generation was completed from the study's record
     later = [x for x, _ in run(resumed, 2 * POPSIZE)]
@@ -171,7 +171,208 @@ def test_cma_hands_out_spares_instead_of_waiting(tmp_path: Path):
         optimizer.tell(trial.number, [sphere(trial.x)])
     assert optimizer.state.es.countiter == 1  # the first 4 results made one generation
     assert all(t.state == TrialState.COMPLETE for t in optimizer.study.get_trials())
-    assert pickle.loads(optimizer.checkpoint.read_bytes()).es.countiter == 1
+    assert json.loads(optimizer.checkpoint.read_text())["strategy"]["countiter"] == 1
+
+
+def cma_schedule(rounds: int, popsize: int) -> list[tuple[str, object]]:
+    """Warm starts, then rounds of one generation each: its candidates asked and told one by one but for a
+    straggler, a spare asked and told (which completes the generation), then the straggler's (stale) result.
+    The straggler moves through the population, one in 7 candidates fails, a warm start comes mid-run."""
+    ops: list[tuple[str, object]] = [("enqueue", np.full(6, 1.0)), ("enqueue", np.full(6, 0.25))]
+    for number in range(rounds):
+        if number == rounds // 2:
+            ops.append(("enqueue", np.full(6, 0.75)))
+        first, straggler = number * (popsize + 1), number % popsize
+        for i in range(popsize):
+            ops += [("ask", None)] + ([] if i == straggler else [("tell", first + i)])
+        ops += [("ask", None), ("tell", first + popsize), ("tell", first + straggler)]
+    return ops
+
+
+def play(optimizer: Optimizer, ops: list[tuple[str, object]], reopen=None) -> list[np.ndarray]:
+    """The candidates asked, in order. With `reopen`, the process is killed after every operation and the
+    optimizer reopened from disk; the candidates it had out are asked for again: those of the current
+    generation must come back as they were, those of a generation already told are lost (as when killed)."""
+    asked: list[np.ndarray] = []
+    out: dict[int, tuple[int, int]] = {}  # ask index -> (trial number, generation) of the candidates out
+    for op, arg in ops:
+        if op == "enqueue":
+            optimizer.enqueue(arg)
+        elif op == "ask":
+            trial = optimizer.ask()
+            out[len(asked)] = trial.number, optimizer.state.es.countiter
+            asked.append(trial.x)
+        elif arg in out:
+            number, _ = out.pop(arg)
+            optimizer.tell(number, None if arg % 7 == 3 else [sphere(asked[arg])])
+        if reopen is not None:
+            optimizer = reopen()
+            generation = optimizer.state.es.countiter
+            for index, (_, asked_in) in sorted(out.items()):
+                if asked_in != generation:
+                    del out[index]
+                    continue
+                trial = optimizer.ask()
+                np.testing.assert_array_equal(trial.x, asked[index])
+                out[index] = trial.number, generation
+    return asked
+
+
+def open_cma(run_dir: Path, resume: bool = False, layers: int = 2) -> Optimizer:
+    """CMA-ES with a population under 6 (so pycma asks selective mirrors) and sigma0 above its maxstd, a third
+    of the range (so it adapts sigma_vec), over 2 + 2 * layers genes: the state a resume must carry in full."""
+    data = make_genome("cmaes", seed=11, popsize=4).config.model_dump(mode="json")
+    data["optimizer"]["sigma0"] = 0.5
+    config = SearchConfig.from_dict(data, where="search.yml")
+    names = NAMES[:3] + [
+        f"model.layers.{i}.{p}.weight" for i in range(layers) for p in ("mlp.up_proj", "input_layernorm")
+    ]
+    return make_optimizer(config, Genome(config, names, layers), RunDir(run_dir), resume=resume)
+
+
+# Stragglers are some rounds' first candidates, directions pycma injected: it warns that one is never told.
+# The resumed run must do the same, warnings and all.
+@pytest.mark.filterwarnings("ignore::cma.evolution_strategy.InjectionWarning")
+def test_cma_reopened_from_disk_after_every_ask_and_tell_asks_what_an_uninterrupted_run_asks(tmp_path: Path):
+    rounds = 15
+    popsize = 4  # a small population: every reopen costs Optuna ~0.2 s
+    ops = cma_schedule(rounds, popsize)
+    uninterrupted = open_cma(tmp_path / "a")
+    expected = play(uninterrupted, ops)
+    directions = []
+
+    def reopen() -> Optimizer:
+        optimizer = open_cma(tmp_path / "b", resume=True)
+        directions.append(len(json.loads(optimizer.checkpoint.read_text())["directions"]["vectors"]))
+        return optimizer
+
+    reopened = play(open_cma(tmp_path / "b"), ops, reopen)
+    assert len(reopened) == len(expected) == rounds * (popsize + 1)
+    for i, (x, y) in enumerate(zip(reopened, expected, strict=True)):
+        assert np.array_equal(x, y), f"candidate {i} differs"
+    final, es = reopen().state.es, uninterrupted.state.es
+    assert type(es.adapt_sigma).__name__ == "CMAAdaptSigmaCSA"
+    assert final.countiter == es.countiter == rounds
+    assert final.sm.count_eigen == es.sm.count_eigen >= rounds - 2  # B and D were recomputed on the way
+    np.testing.assert_array_equal(final.mean, es.mean)
+    assert np.all(es.sigma_vec.scaling < 1)  # adapted
+    assert max(directions) == 1  # a mirror
+    kinds = [t.user_attrs["cma_kind"] for t in uninterrupted.study.get_trials()]
+    assert kinds.count("warm_start") == 3 and kinds.count("spare") == rounds
+
+
+def test_cma_resumed_between_lazy_eigendecompositions_asks_what_an_uninterrupted_run_asks(tmp_path: Path):
+    """With 40 genes pycma decomposes C only every other generation or so (the cost is cubic): a resume must
+    bring back the B and D that sampling still uses, and when the next decomposition is due."""
+    generations, popsize = 10, 4
+    expected = [x for x, _ in run(open_cma(tmp_path / "a", layers=19), generations * popsize)]
+    optimizer, asked, kept = open_cma(tmp_path / "b", layers=19), [], 0
+    for _ in range(generations):
+        asked += [x for x, _ in run(optimizer, popsize)]  # one generation, told at its last result
+        optimizer = open_cma(tmp_path / "b", resume=True, layers=19)
+        sm = optimizer.state.es.sm
+        kept += sm.count_tell < sm.last_update + sm.lazy_update_gap  # the next generation samples with old B, D
+    assert optimizer.state.es.N == 40 and kept >= generations // 3
+    np.testing.assert_array_equal(asked, expected)
+
+
+def test_cma_warm_start_after_selective_mirrors_is_told_to_pycma_as_itself(tmp_path: Path):
+    optimizer = open_cma(tmp_path)
+    while not optimizer.state.es.pop_injection_directions:  # a generation that starts with a mirror
+        run(optimizer, optimizer.popsize)
+    optimizer.enqueue(np.full(6, 0.75))
+    trials = [optimizer.ask() for _ in range(optimizer.popsize)]
+    members = optimizer.state.generation
+    assert [m.kind for m in members] == ["sampled", "warm_start", "sampled", "sampled"]  # after the mirror
+    np.testing.assert_array_equal(trials[1].x, np.full(6, 0.75))
+    np.testing.assert_allclose(optimizer._genome(members[1].z), trials[1].x, atol=1e-12)  # its z is the genome's
+
+
+def test_cma_state_is_plain_json_data(tmp_path: Path):
+    optimizer = open_optimizer(tmp_path, "cmaes", seed=5)
+    run(optimizer, 3 * POPSIZE + 2)  # three generations told, two candidates of the fourth done
+    optimizer.enqueue(np.full(6, 0.75))
+    path = RunDir(tmp_path).optimizer_state("search")
+    assert optimizer.checkpoint == path and path.name == "search.cmaes.json"
+
+    data = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"non-finite {name} in the state"))
+    strategy, rng, es = data["strategy"], data["rng"], optimizer.state.es
+    assert (data["format"], data["genes"], data["popsize"], data["sigma0"]) == (1, optimizer.names, POPSIZE, 0.25)
+    assert strategy["countiter"] == 3 and strategy["countevals"] == 3 * POPSIZE and strategy["count_eigen"] >= 2
+    for key, shape in {"mean": (6,), "pc": (6,), "ps": (6,), "C": (6, 6), "B": (6, 6), "D": (6,)}.items():
+        assert np.shape(strategy[key]) == shape, key
+    np.testing.assert_array_equal(strategy["mean"], es.mean)  # asking does not move the distribution
+    np.testing.assert_array_equal(strategy["ps"], es.adapt_sigma.ps)
+    assert strategy["sigma"] == es.sigma and 0 < strategy["sigma"] < 0.25
+    np.testing.assert_allclose(strategy["C"], np.array(strategy["C"]).T)  # a covariance: symmetric
+    assert len(rng["key"]) == 624 and all(isinstance(k, int) for k in rng["key"]) and 0 <= rng["pos"] <= 624
+    members = data["generation"]
+    assert [m["kind"] for m in members] == ["sampled"] * POPSIZE
+    assert [m["number"] for m in members[:3]] == [3 * POPSIZE, 3 * POPSIZE + 1, None]
+    assert [m["done"] for m in members[:3]] == [True, True, False] and members[0]["value"] == pytest.approx(
+        sphere(np.array(members[0]["x"]))
+    )
+    assert data["queue"] == [[0.75] * 6] and data["stale"] == []
+    assert strategy["sigma_vec"] == [1.0] * 6 and data["directions"] == {"vectors": [], "mirrors": []}  # popsize 6
+
+
+CORRUPTIONS = {
+    "truncated": (
+        lambda text, data: text[: len(text) // 2],
+        None,
+        "expected CMA-ES state as JSON, got a file that does not parse",
+    ),
+    "format": (lambda text, data: {**data, "format": 2}, "format", "expected CMA-ES state format 1, got 2"),
+    "mean": (
+        lambda text, data: {**data, "strategy": {**data["strategy"], "mean": data["strategy"]["mean"][:-1]}},
+        "strategy.mean",
+        "expected 6 finite numbers, got 5",
+    ),
+    "sigma": (
+        lambda text, data: {**data, "strategy": {**data["strategy"], "sigma": math.nan}},
+        "strategy.sigma",
+        "expected a finite number, got nan",
+    ),
+    "covariance": (
+        lambda text, data: {**data, "strategy": {**data["strategy"], "C": data["strategy"]["C"][:5]}},
+        "strategy.C",
+        "expected 6x6 finite numbers, got 5x6",
+    ),
+    "genes": (
+        lambda text, data: {**data, "genes": [f"other.{name}" for name in data["genes"]]},
+        "genes",
+        "expected the 6 genes of this search's genome, got ['other.",
+    ),
+    "rng": (
+        lambda text, data: {**data, "rng": {**data["rng"], "key": data["rng"]["key"][:100]}},
+        "rng.key",
+        "expected at least 624 item(s)",
+    ),
+    "candidate": (
+        lambda text, data: {**data, "generation": [{**data["generation"][0], "z": [0.5] * 6}] + data["generation"][1:]},
+        "generation[0]",
+        "expected the candidate the stored strategy proposes, got another",
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_cma_refuses_a_corrupt_state_file_and_leaves_it_as_it_is(tmp_path: Path, corruption: str):
+    corrupt, field, expected = CORRUPTIONS[corruption]
+    optimizer = open_optimizer(tmp_path, "cmaes")
+    run(optimizer, POPSIZE + 2)
+    path = optimizer.checkpoint
+    text = path.read_text()
+    bad = corrupt(text, json.loads(text))
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    written = path.read_bytes()
+
+    with pytest.raises(InputError) as caught:
+        open_optimizer(tmp_path, "cmaes", resume=True)
+    message = str(caught.value)
+    assert (caught.value.where, caught.value.field) == (str(path), field)
+    assert message.startswith(f"{path}: {field + ': ' if field else ''}{expected}") and "\n" not in message
+    assert path.read_bytes() == written  # refused, not overwritten
 
 
 @pytest.mark.parametrize("name", ALL)

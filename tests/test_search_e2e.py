@@ -109,8 +109,19 @@ def test_export_reproduces_the_scored_candidate_with_mergekit(cmaes_run, tmp_pat
 def test_export_rank_and_objective_choices(cmaes_run):
     config, summary = cmaes_run
     run_dir = config.parent / "run"
-    assert export_recipe(run_dir, rank=1) == export_recipe(run_dir)
-    assert export_recipe(run_dir, objective="toy_search") == export_recipe(run_dir)
+    # The oracle is the study itself: the complete trial with the highest value (ties: the first) is the best.
+    with sqlite3.connect(run_dir / "optuna.db") as db:
+        (best,) = db.execute(
+            "select t.number from trials t join trial_values v on v.trial_id = t.trial_id "
+            "where t.state = 'COMPLETE' order by v.value desc, t.number limit 1"
+        ).fetchone()
+    best_recipe = Recipe.from_yaml((run_dir / "recipes" / f"trial-{best}.yml").read_text())
+    for exported in (
+        export_recipe(run_dir),
+        export_recipe(run_dir, rank=1),
+        export_recipe(run_dir, objective="toy_search"),
+    ):
+        assert Recipe.from_yaml(exported) == best_recipe
     with pytest.raises(InputError, match=r"run: --rank: expected 1 to \d+ \(the front's size\), got"):
         export_recipe(run_dir, rank=len(summary.front) + 1)
     with pytest.raises(InputError, match=r"run: --objective: expected one of \['toy_search'\], got 'nope'"):

@@ -5,6 +5,7 @@ mergekit 0.1.5's in-process `run_merge` is the oracle; a deterministic method mu
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from merge_core import MergeSession, Recipe
@@ -157,12 +158,13 @@ def test_random_methods_depend_on_the_seed_only(tiny_family, session):
     assert not torch.equal(first[name], other[name])
 
 
-def test_apply_writes_the_merge_into_a_live_model(tiny_family, session):
-    recipe = Recipe.from_yaml(recipes(tiny_family)["ties"].replace("out_dtype: bfloat16", ""))
+def test_apply_writes_the_merge_into_a_live_model(tiny_family, session, tmp_path):
+    text = recipes(tiny_family)["ties"].replace("out_dtype: bfloat16", "")
     model = AutoModelForCausalLM.from_pretrained(tiny_family["base"])
-    session.apply(recipe, model)
-    expected = session.materialize(recipe)
+    session.apply(Recipe.from_yaml(text), model)
+    expected = mergekit_merge(text, tmp_path / "mergekit")  # the oracle: mergekit's own output, not ours
     state = model.state_dict()
+    assert set(expected) <= set(state)
     for name, tensor in expected.items():
         assert torch.equal(state[name], tensor), name
 
@@ -242,3 +244,30 @@ def test_cli_merge_equals_mergekit_yaml_cli(tiny_family, tmp_path):
     ours_t, theirs_t = load_dir(ours), load_dir(theirs)
     assert sorted(ours_t) == sorted(theirs_t)
     assert all(torch.equal(ours_t[n], t) for n, t in theirs_t.items())
+
+
+def copy_as(source: str, target: Path, layout: str) -> str:
+    """The checkpoint at `source` rewritten as a sharded safetensors (index.json) or a .bin checkpoint."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_dir(Path(source))
+    if layout == "bin":
+        torch.save(tensors, target / "pytorch_model.bin")
+        return str(target)
+    names = sorted(tensors)
+    shards = {name: f"model-{i % 3 + 1:05d}-of-00003.safetensors" for i, name in enumerate(names)}
+    for shard in set(shards.values()):
+        save_file({name: tensors[name] for name in names if shards[name] == shard}, target / shard)
+    (target / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    return str(target)
+
+
+def test_sharded_and_bin_sources_merge_like_their_single_file_originals(tiny_family, tmp_path):
+    text = recipes(tiny_family)["ties"].replace("out_dtype: bfloat16", "")
+    expected = mergekit_merge(text, tmp_path / "mergekit")  # mergekit on the single-file originals
+    sharded = copy_as(tiny_family["child0"], tmp_path / "sharded", "sharded")
+    binary = copy_as(tiny_family["child1"], tmp_path / "bin", "bin")
+    assert len(list(Path(sharded).glob("*.safetensors"))) == 3 and not list(Path(binary).glob("*.safetensors"))
+    recipe = Recipe.from_yaml(text.replace(tiny_family["child0"], sharded).replace(tiny_family["child1"], binary))
+    merged = MergeSession(recipe.model_refs()).materialize(recipe)
+    assert sorted(merged) == sorted(expected)
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)

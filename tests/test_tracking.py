@@ -15,7 +15,7 @@ from mlflow.artifacts import download_artifacts
 
 from merge_core.errors import InputError
 from search.results.heldout import HeldoutEntry, heldout_comparison
-from search.results.tracking import Tracker
+from search.results.tracking import Tracker, plot_best_vs_cost
 
 CONFIG = {"seed": 7, "optimizer": {"name": "cmaes", "popsize": 4}, "models": [{"path": "a"}, {"path": "b"}]}
 OBJECTIVES, DIRECTIONS = ["arith", "copy"], ["maximize", "maximize"]
@@ -53,6 +53,7 @@ def log_trials(tracker: Tracker, numbers) -> None:
             merge_s=0.25,
             eval_s=1.5,
             error="CUDA out of memory" if failed else None,
+            items=None if failed else 20 + number,
         )
 
 
@@ -93,6 +94,7 @@ def test_a_search_logs_a_parent_with_nested_trials_and_its_front(tracking_uri, r
         assert run.info.run_name == f"trial-{number}"
         assert run.data.params == {k: repr(v) for k, v in genes(number).items()}
         assert run.data.metrics["merge_s"] == 0.25 and run.data.metrics["eval_s"] == 1.5
+        assert run.data.metrics.get("items") == (None if number == 3 else 20 + number)  # 3 failed: no count
     assert trials[4].data.metrics["arith"] == pytest.approx(0.4) and trials[4].info.status == "FINISHED"
     assert trials[4].data.tags["evomerge.status"] == "complete" and "evomerge.error" not in trials[4].data.tags
     assert trials[3].info.status == "FAILED" and "arith" not in trials[3].data.metrics
@@ -106,7 +108,8 @@ def test_a_search_logs_a_parent_with_nested_trials_and_its_front(tracking_uri, r
     artifacts = {a.path for a in client.list_artifacts(parent_id)} | {
         a.path for a in client.list_artifacts(parent_id, "front")
     }
-    assert {"config.yaml", "front.csv", "front.png", "front/trial-0.yaml", "front/trial-4.yaml"} <= artifacts
+    expected = {"config.yaml", "front.csv", "front.png", "best_vs_cost.png", "front/trial-0.yaml", "front/trial-4.yaml"}
+    assert expected <= artifacts
     table = list(csv.DictReader(io.StringIO(artifact_text(parent_id, "front.csv", tracking_uri, tmp_path))))
     assert [(row["trial"], row["arith"], row["recipe"]) for row in table] == [
         ("0", "0.0", "front/trial-0.yaml"),
@@ -114,10 +117,11 @@ def test_a_search_logs_a_parent_with_nested_trials_and_its_front(tracking_uri, r
         ("4", "0.4", "front/trial-4.yaml"),
     ]
     assert artifact_text(parent_id, "front/trial-1.yaml", tracking_uri, tmp_path).endswith("# front 1\n")
-    png = download_artifacts(
-        run_id=parent_id, artifact_path="front.png", tracking_uri=tracking_uri, dst_path=str(tmp_path)
-    )
-    assert Path(png).read_bytes().startswith(PNG_MAGIC)
+    for plot in ("front.png", "best_vs_cost.png"):
+        png = download_artifacts(
+            run_id=parent_id, artifact_path=plot, tracking_uri=tracking_uri, dst_path=str(tmp_path)
+        )
+        assert Path(png).read_bytes().startswith(PNG_MAGIC)
     assert "seed: 7" in artifact_text(parent_id, "config.yaml", tracking_uri, tmp_path)
 
 
@@ -125,6 +129,7 @@ def test_resume_continues_the_same_parent_without_duplicating_trials(tracking_ur
     first = Tracker(tracking_uri, "resume", run_dir / "tracking.json")
     parent_id = first.start("toy-search", CONFIG)
     log_trials(first, range(5))
+    first.log_trial_heldout(1, {"average": 0.5})  # held-out scores are no search scores: not in trial_scores
     first.finish("failed")  # what the main loop records when the search is killed
 
     resumed = Tracker(tracking_uri, "resume", run_dir / "tracking.json")
@@ -134,7 +139,7 @@ def test_resume_continues_the_same_parent_without_duplicating_trials(tracking_ur
     assert client.get_run(parent_id).data.tags["evomerge.resumes"] == "1"
     # Trial 3 is replayed and succeeds this time; trial 5 is new.
     resumed.log_trial(3, genes(3), "merge_method: linear\n", scores(3), "complete", merge_s=0.2, eval_s=1.0)
-    resumed.log_trial(5, genes(5), "merge_method: linear\n", scores(5), "complete", merge_s=0.2, eval_s=1.0)
+    resumed.log_trial(5, genes(5), "merge_method: linear\n", scores(5), "complete", merge_s=0.2, eval_s=1.0, items=7)
     resumed.finish()
 
     trials = children(client, parent_id)
@@ -147,6 +152,8 @@ def test_resume_continues_the_same_parent_without_duplicating_trials(tracking_ur
     # The resumed tracker knows every complete trial's scores, those logged before the resume too.
     assert sorted(resumed.trial_scores) == [0, 1, 2, 3, 4, 5]
     assert resumed.trial_scores[1] == pytest.approx(scores(1))
+    assert resumed.trial_items == {0: 20, 1: 21, 2: 22, 4: 24, 5: 7}  # the failed trial 3 has no known count
+    assert trials[1].data.metrics["heldout/average"] == 0.5
 
 
 def test_a_replay_with_other_genes_is_refused(tracking_uri, run_dir):
@@ -198,13 +205,17 @@ def test_single_objective_front_and_heldout_table(tracking_uri, run_dir, tmp_pat
     assert Path(png).read_bytes().startswith(PNG_MAGIC)
 
 
-def test_ui_command_serves_the_database_on_loopback(tracking_uri, run_dir):
-    tracker = Tracker(tracking_uri, "ui", run_dir / "tracking.json")
-    database = tracking_uri.removeprefix("sqlite:///")
-    assert tracker.ui_command() == (
-        f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///{database} "
-        "--host 127.0.0.1 --port 5000"
-    )
+def test_best_vs_cost_counts_every_item_paid_for():
+    """Trial 1 failed after scoring 30 items: it moves the cost on but adds no point; trial 4 has no known count."""
+    scores = {0: {"acc_none": 0.2}, 2: {"acc_none": 0.1}, 3: {"acc_none": 0.5}, 4: {"acc_none": 0.4}}
+    items = {0: 10, 1: 30, 2: 10, 3: 10}
+    figure = plot_best_vs_cost(scores, items, ["acc,none"], ["maximize"])
+    (line,) = figure.axes[0].lines
+    assert list(line.get_xdata()) == [10, 50, 60, 60]
+    assert list(line.get_ydata()) == [0.2, 0.2, 0.5, 0.5]
+    assert line.get_label() == "acc,none (maximize)"
+    (minimized,) = plot_best_vs_cost(scores, items, ["acc,none"], ["minimize"]).axes[0].lines
+    assert list(minimized.get_ydata()) == [0.2, 0.1, 0.1, 0.1]
 
 
 def test_a_fresh_search_database_is_quiet_and_keeps_artifacts_in_the_run_dir(tmp_path, capfd):

@@ -14,8 +14,9 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from evaluators.toy_family.skills import COPY, SKILLS, Skill
 from evaluators.toy_family.splits import make_splits, training_stream
 from evaluators.toy_family.tasks import SPLITS, read_items, task_name, write_tasks
 from evaluators.toy_family.tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
-from evaluators.toy_family.training import Architecture, TrainRecipe, new_model, torch_threads, train
+from evaluators.toy_family.training import Architecture, TrainRecipe, new_model, silent, torch_threads, train
 from merge_core.errors import InputError
 
 # Bump when anything that changes built families (skills, data mix, training loop) changes: old caches go stale.
@@ -36,6 +37,10 @@ DEFAULT_SKILLS = ("rev", "srt", "cae")
 # spinning at every OpenMP barrier made a training step 10x slower. A fixed count also keeps the float
 # reductions, hence the weights, identical from run to run.
 THREADS = 1
+
+# on_progress(stage, done, total): "training base" 1200 of 3000 steps, say; a plain callable, so evaluators/ need
+# not know who displays it.
+OnProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -107,10 +112,13 @@ def build_family(
     seed: int = 0,
     split_seed: int = 1234,
     cache_dir: Path | None = None,
+    on_progress: OnProgress = silent,
 ) -> Family:
     """The toy family for these parameters: from `out_dir` or the cache when built before, else trained now.
 
     With `out_dir` the family ends up there (copied from the cache); otherwise it lives in the cache.
+    A build reports each model's training steps, then the scoring, to `on_progress` (which is not a parameter
+    of the family: it stays out of the cache key).
     Raises ValueError with one line for an unknown size or skill, or an `out_dir` holding something else.
     """
     skills = _check_skills(skills)
@@ -134,7 +142,7 @@ def build_family(
 
     cached = Path(cache_dir or _default_cache_dir()).resolve() / key
     if not _holds_family(cached, key):
-        _place(cached, lambda tmp: _train_family(tmp, cached, params, key))
+        _place(cached, lambda tmp: _train_family(tmp, cached, params, key, on_progress))
     if out_dir is None:
         return load_family(cached)
     final = Path(out_dir).resolve()
@@ -190,20 +198,20 @@ def _copy_family(source: Path, tmp: Path, final: Path) -> None:
 
 
 def train_models(
-    size: FamilySize, skills: Sequence[str], seed: int, held_out: frozenset[str]
+    size: FamilySize, skills: Sequence[str], seed: int, held_out: frozenset[str], on_progress: OnProgress = silent
 ) -> tuple[dict[str, LlamaForCausalLM], dict[str, list[float]], dict[str, float]]:
     """The base and one child per skill, with each one's step losses and seconds (no files written)."""
     started = time.perf_counter()
     base = new_model(size.architecture, seed)
     stream = training_stream(_base_mix(skills), held_out, random.Random(f"{seed}:base"))
-    losses = {"base": train(base, stream, size.base)}
+    losses = {"base": train(base, stream, size.base, partial(on_progress, "training base"))}
     timings = {"base": time.perf_counter() - started}
     models = {"base": base}
     for skill in skills:
         started = time.perf_counter()
         models[skill] = copy.deepcopy(base)
         stream = training_stream([(SKILLS[skill], 1.0)], held_out, random.Random(f"{seed}:{skill}"))
-        losses[skill] = train(models[skill], stream, size.child)
+        losses[skill] = train(models[skill], stream, size.child, partial(on_progress, f"training {skill}"))
         timings[skill] = time.perf_counter() - started
     return models, losses, timings
 
@@ -212,7 +220,7 @@ def _base_mix(skills: Sequence[str]) -> list[tuple[Skill, float]]:
     return [(COPY, COPY.base_share), *((SKILLS[s], SKILLS[s].base_share) for s in skills)]
 
 
-def _train_family(tmp: Path, final: Path, params: dict, key: str) -> None:
+def _train_family(tmp: Path, final: Path, params: dict, key: str, on_progress: OnProgress) -> None:
     size, skills = SIZES[params["size"]], params["skills"]
     splits = {
         s: make_splits(SKILLS[s], n_search=size.n_search, n_test=size.n_test, split_seed=params["split_seed"])
@@ -220,11 +228,11 @@ def _train_family(tmp: Path, final: Path, params: dict, key: str) -> None:
     }
     held_out = frozenset(p for by_split in splits.values() for items in by_split.values() for p, _ in items)
     with torch_threads(THREADS):
-        models, losses, timings = train_models(size, skills, params["seed"], held_out)
-        scores = {
-            name: {split: {s: accuracy(model, splits[s][split]) for s in skills} for split in SPLITS}
-            for name, model in models.items()
-        }
+        models, losses, timings = train_models(size, skills, params["seed"], held_out, on_progress)
+        scores = {}
+        for done, (name, model) in enumerate(models.items(), 1):
+            scores[name] = {split: {s: accuracy(model, splits[s][split]) for s in skills} for split in SPLITS}
+            on_progress("scoring", done, len(models))
     for name, model in models.items():
         _save_checkpoint(model, tmp / name)
     write_tasks(tmp / "tasks", splits, final / "tasks")

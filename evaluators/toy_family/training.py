@@ -1,7 +1,7 @@
 """Tiny Llamas and the loop that trains them: loss on the answer and EOS only, AdamW, warmup then cosine."""
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -87,13 +87,19 @@ def _lr_factor(step: int, recipe: TrainRecipe) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: LlamaForCausalLM, stream: Iterator[Item], recipe: TrainRecipe) -> list[float]:
-    """Full fine-tuning of every parameter; returns the loss of each step."""
+def silent(*_: object) -> None:
+    """The default progress callback: report nothing."""
+
+
+def train(
+    model: LlamaForCausalLM, stream: Iterator[Item], recipe: TrainRecipe, on_step: Callable[[int, int], None] = silent
+) -> list[float]:
+    """Full fine-tuning of every parameter; returns the loss of each step. `on_step(done, total)` follows each step."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
     losses = []
-    for _ in range(recipe.steps):
+    for step in range(recipe.steps):
         inputs, targets = collate(list(islice(stream, recipe.batch_size)))
         logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
@@ -102,5 +108,6 @@ def train(model: LlamaForCausalLM, stream: Iterator[Item], recipe: TrainRecipe) 
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
+        on_step(step + 1, recipe.steps)
     model.eval()
     return losses

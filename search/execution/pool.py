@@ -10,6 +10,9 @@ Only a factory that cannot start is fatal: a worker whose start fails twice in a
 worker is retired the pool raises `WorkerStartError` with the factory's error. `factory()` itself has no time
 limit (loading models may take long); `trial_timeout_s` clocks only `run`.
 
+With `worker_log`, each actor appends its stdout and stderr (the file descriptors, so C code and tqdm too) to
+that file before it builds its worker: lm-eval's bars and warnings land there, not on the driver's terminal.
+
 Typical loop:  `for _ in range(pool.idle()): pool.submit(key, payload)` then `outcomes = pool.wait()`.
 """
 
@@ -17,11 +20,13 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import ray
@@ -88,11 +93,13 @@ def task_cause(err: RayTaskError) -> BaseException:
 class WorkerHost:
     """Lives in the Ray actor process: builds the worker once, then runs payloads through it."""
 
-    def __init__(self, factory: Callable[[], Worker]):
-        self.factory = factory
+    def __init__(self, factory: Callable[[], Worker], log: Path | None):
+        self.factory, self.log = factory, log
         self.worker: Worker | None = None
 
     def start(self) -> str:
+        if self.log is not None:
+            redirect_output(self.log)
         try:
             self.worker = self.factory()
         except Exception as err:
@@ -108,6 +115,20 @@ class WorkerHost:
             traceback.print_exc()  # the full trace goes to the worker's log; the outcome keeps one line
             return False, one_line(err), time.perf_counter() - began
         return True, value, time.perf_counter() - began
+
+
+def redirect_output(log: Path) -> None:
+    """Point this process's file descriptors 1 and 2 at the end of `log` (shared by every worker: append mode)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # Line by line: an actor is killed at shutdown (or on a timeout), and a full buffer would die with it.
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
 
 
 @dataclass
@@ -151,6 +172,7 @@ class WorkerPool:
         num_cpus: float,
         num_gpus: float,
         trial_timeout_s: float | None,
+        worker_log: Path | None = None,
     ):
         if workers < 1:
             raise ValueError(f"WorkerPool: workers must be >= 1, got {workers}")
@@ -169,7 +191,7 @@ class WorkerPool:
                     f"but the Ray cluster has {cluster.get(resource, 0):g}: the extra workers would never start"
                 )
         self.trial_timeout_s = trial_timeout_s
-        self._factory = factory
+        self._factory, self._worker_log = factory, worker_log
         self._actor_class = ray.remote(WorkerHost).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, max_task_retries=0
         )
@@ -310,7 +332,7 @@ class WorkerPool:
 
     def _launch(self, slot: Slot) -> None:
         slot.name = f"worker-{slot.index}"
-        slot.actor = self._actor_class.remote(self._factory)
+        slot.actor = self._actor_class.remote(self._factory, self._worker_log)
         slot.start_ref = slot.actor.start.remote()
 
     def _replace(self, slot: Slot) -> None:

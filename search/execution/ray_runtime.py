@@ -9,10 +9,14 @@ Local defaults, and why:
   or auth mode the user already set in the environment wins.
 - Ray puts Unix sockets under its temp dir and socket paths are limited to ~107 bytes, so the session files
   live in a short `/tmp/evomerge-ray-<hash of run dir>` directory; the run dir's `ray` link points to it.
+- Ray would relay every worker's stdout and stderr to the driver's terminal (lm-eval's progress bars and
+  warnings, from each candidate): `log_to_driver=False` keeps them in the workers' own logs (locally, the run
+  dir's logs/workers.log; see WorkerPool), and Ray's own INFO lines ("Started a local Ray instance") stay off.
 """
 
 import hashlib
 import ipaddress
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -20,9 +24,12 @@ from pathlib import Path
 import ray
 import ray.util
 from ray._private import ray_constants
+from ray._private.authentication import authentication_token_setup
 
 SHORT_TEMP_ROOT = Path("/tmp")
 AUTH_ENV_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# Every ray.init here: worker output and Ray's INFO lines kept off the driver's terminal (see above).
+QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
 
 
 def ray_temp_dir(link: Path) -> Path:
@@ -43,7 +50,7 @@ def start_ray(address: str | None, link: Path, num_cpus: int | None, object_stor
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     if address is not None:
         # The cluster decides its own listeners, resources and auth; we only connect.
-        ray.init(address=address)
+        ray.init(address=address, **QUIET)
         return
     # Ray reads this flag once, at import: set it for the processes Ray spawns, and for this process,
     # where ray is already imported, set the constant it was read into.
@@ -53,12 +60,15 @@ def start_ray(address: str | None, link: Path, num_cpus: int | None, object_stor
         # Ray turns token mode on by itself for a new local cluster (and refreshes its cached config);
         # setting the mode here would come too late for a config Ray read at import.
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        # Ray then warns, every run, that token auth is on and how to opt out: a choice made here, not news.
+        logging.getLogger(authentication_token_setup.__name__).setLevel(logging.ERROR)
     temp_dir = prepare_temp_dir(Path(link))
     ray.init(
         num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
         object_store_memory=object_store_mb * 1024**2,
         include_dashboard=False,
         _temp_dir=str(temp_dir),
+        **QUIET,
     )
     node_ip = ray.util.get_node_ip_address()
     if not ipaddress.ip_address(node_ip).is_loopback:

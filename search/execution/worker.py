@@ -37,6 +37,11 @@ class JobResult:
     merge_s: float
     eval_s: float
 
+    @property
+    def items(self) -> int:
+        """Items scored, the unit evaluation cost scales with (a task group counts all its tasks' items)."""
+        return sum(len(scores) for scores in self.per_item.values())
+
 
 class CandidateWorker:
     def __init__(self, spec: WorkerSpec):
@@ -52,10 +57,9 @@ class CandidateWorker:
             self.device = spec.device
         self.session = MergeSession(list(spec.models), device=self.device)
         skeleton = self.session.checkpoints[spec.models[0]].path
-        self.evaluators = {
-            SEARCH: Evaluator(spec.eval_config, spec.search_tasks),
-            HELDOUT: Evaluator(spec.eval_config, spec.heldout_tasks),
-        }
+        self.evaluators = {SEARCH: Evaluator(spec.eval_config, spec.search_tasks)}
+        if spec.heldout_tasks:  # a search may have none: its report then compares nothing held out
+            self.evaluators[HELDOUT] = Evaluator(spec.eval_config, spec.heldout_tasks)
         if spec.eval_config.backend == "vllm":
             from evaluators.vllm_backend import vllm_lm
 

@@ -56,7 +56,7 @@ class Genome:
     """The genes of one search (layout and decoding in the module docstring).
 
     dim, names (one readable name per gene, e.g. "weight[srt].mlp.L3"), lower / upper (bounds per gene);
-    decode(x) -> Recipe, recipe_dict(x), layer_values(x), tensor_value(x, ...), encode_uniform(values),
+    decode(x) -> Recipe, recipe_dict(x), layer_values(x), encode_uniform(values),
     default_candidates().
     """
 
@@ -153,18 +153,6 @@ class Genome:
             for b in self.blocks
             if b.part not in ("pre", "post")
         }
-
-    def tensor_value(self, x: np.ndarray, param: str, owner: str | None, tensor_name: str) -> float:
-        """The searched value of `param` for one tensor of `owner` (None for a shared parameter)."""
-        x = self._check(x)
-        layer = architecture.layer_index(tensor_name)
-        if layer is None:
-            part = "pre" if tensor_name in self.pre else "post"
-        else:
-            part = next((p for p in self.parts if p is not None and p in tensor_name), None)
-        block = next(b for b in self.blocks if (b.param, b.owner, b.part) == (param, owner, part))
-        genes = x[block.start : block.start + block.size]
-        return float(genes[0] if layer is None else self._per_layer(genes)[layer])
 
     def _filter_list(self, x: np.ndarray, param: str, owner: str | None) -> list[dict]:
         entries = []

@@ -8,30 +8,78 @@
   penalty: worse than the generation's worst real value; CMA-ES only uses ranks). Results that arrive
   after that are recorded in the study only.
 - Warm start: enqueued genomes are injected into the next generation (pycma `inject`, force) and handed
-  out exactly as given.
+  out exactly as given; pycma asks them after its own directions (`DirectionData`), before samples.
 - Determinism: pycma draws its normal samples from its `randn` option, by default numpy's global RNG; here
   it is the `randn` of the optimizer's own seeded RandomState, so the same seed gives the same asks whatever
-  else uses np.random, and the RNG state travels inside the pickled strategy.
-- Checkpoint: after every ask and tell, the strategy (with its RNG) and the generation's bookkeeping are
-  pickled (atomically) to RUN_DIR/<study>.cmaes.pkl. A resumed optimizer reloads it; candidates a killed
-  process left running are handed out again, so the strategy goes on exactly as an uninterrupted run.
+  else uses np.random.
+- Checkpoint: after every ask and tell, RUN_DIR/<study>.cmaes.json (RunDir.optimizer_state, written
+  atomically) holds the state as plain JSON: numbers, strings and lists. It is never a pickle, because
+  unpickling runs code: whoever can write a shared run dir could run theirs as the next user who resumes.
+  It holds pycma's strategy as of the start of the current generation (`STRATEGY`: mean, step size,
+  covariance C with the eigen-decomposition B, D that sampling uses and when the next one is due, the
+  evolution path pc, the counters, sigma_vec; the step-size adaptation's state, CSA's path ps; the
+  directions pycma samples first: selective mirrors), the RNG's state at that
+  same point, and the generation's bookkeeping: each candidate's z and genome, kind, trial number and
+  result, the queued warm starts, and the candidates still out when their generation was told.
+- Resume: a fresh strategy is built from the same options, the stored attributes are checked (format, genes,
+  popsize, shapes, finite numbers; a file that does not fit is refused with an InputError and left as it is)
+  and set on it, and the current generation is asked again from its start. So pycma rebuilds its own record
+  of what it sent and injected, the RNG ends where it was, and the candidates must come out equal to the
+  stored ones. Candidates a killed process left running are handed out again, so the strategy goes on
+  exactly as an uninterrupted run.
 """
 
-import os
-import pickle
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import cma
 import numpy as np
 import optuna
+from cma.sigma_adaptation import CMAAdaptSigmaCSA
+from cma.transformations import DiagonalDecoding
+from cma.utilities.utils import ElapsedWCTime
 from optuna.trial import TrialState
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from merge_core.errors import InputError, from_validation, shown
 from search.config import OptimizerConfig
 from search.genome import Genome
 from search.optimizers.base import Optimizer, Trial
+from search.run_dir import write_atomically
+
+FORMAT = 1  # of the state file; bump when its meaning changes, so an old file is refused, not misread
+
+# The attributes of a CMAEvolutionStrategy that change over a run and decide its next proposals (file key:
+# attribute, type), found by diffing a fresh strategy against one many generations on and reading where ask and
+# tell use each difference; besides these, sigma_vec (per-coordinate scales, `_restore`) and the directions
+# pycma samples first (`DirectionData`). The rest follows from the options (weights, learning rates, bounds),
+# is pycma's copy of these (es.B, es.C, es.D, es.dC: the sampler's), is set in tell before it is read, only
+# feeds stop() and result (fit histories, best), which this optimizer never consults, or is never read under
+# these options (pc2: diagonal decoding is off).
+STRATEGY = {
+    "countiter": ("countiter", int),
+    "countevals": ("countevals", int),
+    "mean": ("mean", np.ndarray),
+    "mean_old": ("mean_old", np.ndarray),  # before the last tell
+    "sigma": ("sigma", float),
+    "pc": ("pc", np.ndarray),  # evolution path of the covariance (rank-one update)
+    "C": ("sm.C", np.ndarray),  # the covariance
+    "B": ("sm.B", np.ndarray),  # its eigenvectors and their scales, as of the last decomposition: what sampling uses
+    "D": ("sm.D", np.ndarray),
+    "count_tell": ("sm.count_tell", int),  # updates of C, and the one decomposed last: the next decomposition is
+    "last_update": ("sm.last_update", int),  # due when they are far enough apart (pycma decomposes lazily)
+    "count_eigen": ("sm.count_eigen", int),
+}
+# The step-size adaptation's own state: CSA's evolution path (CSA is forced, see `_fresh`).
+STEP_SIZE = {"ps": ("adapt_sigma.ps", np.ndarray)}
+
+
+def _fields(es: cma.CMAEvolutionStrategy) -> dict[str, tuple[str, type]]:
+    return {**STRATEGY, **STEP_SIZE}
 
 
 @dataclass
@@ -47,10 +95,91 @@ class Member:
 @dataclass
 class State:
     es: cma.CMAEvolutionStrategy
-    genes: list[str]
+    rng: np.random.RandomState  # the one pycma's randn draws from
+    start: dict[str, Any]  # es and rng as data (`_snapshot`), as of the start of the current generation
     generation: list[Member] = field(default_factory=list)
     queue: list[np.ndarray] = field(default_factory=list)  # warm starts waiting for the next generation
     stale: dict[int, Member] = field(default_factory=dict)  # out when their generation was told
+
+
+# --- the state file ----------------------------------------------------------------------------------
+# Types here; shapes, bounds and finiteness in CmaEs._load and its helpers, which know the genome and the fresh
+# strategy.
+
+
+class Data(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class MemberData(Data):
+    z: list[float]
+    x: list[float]
+    kind: Literal["sampled", "warm_start", "spare"]
+    number: int | None
+    done: bool
+    value: float | None
+
+
+class DirectionData(Data):
+    """What pycma's tell prepares for the next ask to sample first (es.pop_injection_directions): selective mirrors
+    of the worst (CMA_mirrors: populations under 6);
+    and which of the last population were mirrors, not to be mirrored back (es._indices_of_selective_mirrors)."""
+
+    vectors: list[list[float]]
+    mirrors: list[int]
+
+
+class RngData(Data):
+    """numpy's RandomState.get_state() of its MT19937 generator."""
+
+    key: Annotated[list[Annotated[int, Field(ge=0, lt=2**32)]], Field(min_length=624, max_length=624)]
+    pos: int = Field(ge=0, le=624)
+    has_gauss: Literal[0, 1]
+    cached_gaussian: float
+
+
+class StateData(Data):
+    format: int
+    genes: list[str]
+    popsize: int
+    sigma0: float
+    strategy: dict[str, Any]  # `_fields` and sigma_vec, checked against the fresh strategy in CmaEs._restore
+    directions: DirectionData
+    rng: RngData
+    generation: list[MemberData]
+    queue: list[list[float]]
+    stale: list[MemberData]
+
+
+def _snapshot(es: cma.CMAEvolutionStrategy, rng: np.random.RandomState) -> dict[str, Any]:
+    """The strategy's `_fields`, sigma_vec, directions and the RNG's state, as JSON data."""
+    _, key, pos, has_gauss, cached_gaussian = rng.get_state()
+    return {
+        "strategy": {
+            **{name: np.asarray(attrgetter(attribute)(es)).tolist() for name, (attribute, _) in _fields(es).items()},
+            "sigma_vec": np.broadcast_to(es.sigma_vec.scaling, es.mean.shape).tolist(),  # a scalar 1 until it adapts
+        },
+        "directions": {
+            "vectors": [vector.tolist() for vector in es.pop_injection_directions],
+            "mirrors": list(es._indices_of_selective_mirrors),
+        },
+        "rng": {"key": key.tolist(), "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+    }
+
+
+def _member_data(member: Member) -> dict[str, Any]:
+    return {
+        "z": member.z.tolist(),
+        "x": member.x.tolist(),
+        "kind": member.kind,
+        "number": member.number,
+        "done": member.done,
+        "value": member.value,
+    }
+
+
+def _same_candidate(a: Member, b: Member) -> bool:
+    return a.kind == b.kind and np.array_equal(a.z, b.z) and np.array_equal(a.x, b.x)
 
 
 class GivenParams(optuna.samplers.BaseSampler):
@@ -77,7 +206,9 @@ class CmaEs(Optimizer):
         self.sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         self.sampler = study.sampler = GivenParams()
         self.checkpoint = Path(checkpoint)
-        self.state = self._load() if self.checkpoint.exists() else self._fresh(options, seed)
+        self.state = self._fresh(options, seed)
+        if self.checkpoint.exists():
+            self._load()  # into the fresh strategy: its options give pycma's constants and shapes
         self._recover()
         self._save()
 
@@ -121,22 +252,26 @@ class CmaEs(Optimizer):
         if waiting is not None:
             return waiting
         if not generation:
-            self._start_generation()
+            generation[:] = self._sample(self.state.queue)
             return generation[0]
-        [z] = self.state.es.ask(1)  # a spare from the same distribution
-        generation.append(Member(z, self._genome(z), kind="spare"))
+        generation.append(self._spare())
         return generation[-1]
 
-    def _start_generation(self) -> None:
-        es, queue = self.state.es, self.state.queue
-        injected, queue[:] = queue[: es.popsize], queue[es.popsize :]
+    def _sample(self, queue: list[np.ndarray]) -> list[Member]:
+        """A new generation from pycma, with as many warm starts taken from `queue` as fit in it."""
+        es = self.state.es
+        directions = len(es.pop_injection_directions)  # pycma asks these first, then the injected, then samples
+        injected, queue[:] = queue[: es.popsize - directions], queue[es.popsize - directions :]
         if injected:
             es.inject([es.boundary_handler.inverse(self._unit(x)) for x in injected], force=True)
-        population = es.ask()
-        members = [Member(z, self._genome(z)) for z in population]
-        for member, x in zip(members, injected, strict=False):  # pycma puts injected solutions first
+        members = [Member(z, self._genome(z)) for z in es.ask()]
+        for member, x in zip(members[directions:], injected, strict=False):
             member.x, member.kind = x, "warm_start"
-        self.state.generation[:] = members
+        return members
+
+    def _spare(self) -> Member:
+        [z] = self.state.es.ask(1)  # from the same distribution as the generation
+        return Member(z, self._genome(z), kind="spare")
 
     def _tell_if_complete(self) -> None:
         generation = self.state.generation
@@ -147,6 +282,7 @@ class CmaEs(Optimizer):
         worst = max(real, default=0.0)
         penalty = worst + max(1.0, abs(worst))
         self.state.es.tell([m.z for m in done], [penalty if m.value is None else m.value for m in done])
+        self.state.start = _snapshot(self.state.es, self.state.rng)
         self.state.stale.update({m.number: m for m in generation if not m.done and m.number is not None})
         generation.clear()
 
@@ -159,23 +295,179 @@ class CmaEs(Optimizer):
         return (x - self.lower) / (self.upper - self.lower)
 
     def _fresh(self, options: OptimizerConfig, seed: int) -> State:
-        randn = np.random.RandomState(seed % 2**32).randn
-        settings = {"bounds": [0, 1], "randn": randn, "seed": np.nan, "verbose": -9}  # nan: never seed numpy
+        rng = np.random.RandomState(seed % 2**32)
+        settings = {
+            "bounds": [0, 1],
+            "randn": rng.randn,
+            "seed": np.nan,  # never seed numpy's global RNG
+            "verbose": -9,
+            # pycma's default [1e8, 1e12] moves an ill-conditioned covariance into sigma_vec (which the state file
+            # keeps) and, past condition 1e12, into a geno-pheno transformation (which it does not): only the first.
+            "conditioncov_alleviate": [1e8, 0],
+            # CSA at every size: pycma would switch to TPA from 300 genes, which needs its pair of samples told
+            # first and as given, and asynchronous workers return stragglers and warm starts in any order.
+            "AdaptSigma": CMAAdaptSigmaCSA,
+        }
         if options.popsize:
             settings["popsize"] = options.popsize
         es = cma.CMAEvolutionStrategy(np.full(len(self.names), 0.5), options.sigma0, settings)
-        return State(es=es, genes=self.names)
-
-    def _load(self) -> State:
-        state = pickle.loads(self.checkpoint.read_bytes())
-        if state.genes != self.names:
-            raise ValueError(f"{self.checkpoint}: CMA-ES checkpoint of another genome ({len(state.genes)} genes)")
-        return state
+        # Created in pycma's first generation and read in later ones before they are set: set now, so a strategy
+        # restored past the first has them too (a wall-clock timer, the mean before the last tell, the mirrors).
+        es.timer, es.mean_old, es._indices_of_selective_mirrors = ElapsedWCTime(), es.mean.copy(), []
+        return State(es, rng, _snapshot(es, rng))
 
     def _save(self) -> None:
-        partial = self.checkpoint.with_name(self.checkpoint.name + ".partial")
-        partial.write_bytes(pickle.dumps(self.state))
-        os.replace(partial, self.checkpoint)  # atomic: a kill leaves the previous checkpoint whole
+        state = self.state
+        data = {
+            "format": FORMAT,
+            "genes": self.names,
+            "popsize": state.es.popsize,
+            "sigma0": state.es.sigma0,
+            **state.start,
+            "generation": [_member_data(m) for m in state.generation],
+            "queue": [x.tolist() for x in state.queue],
+            "stale": [_member_data(m) for m in state.stale.values()],
+        }
+        write_atomically(self.checkpoint, json.dumps(data, allow_nan=False))  # a kill leaves the old file whole
+
+    def _load(self) -> None:
+        """Set the stored state on the fresh one; a file that does not fit this search is refused."""
+        data, state = self._read(), self.state
+        self._expect_this_search(data)
+        self._restore(data.strategy, data.directions, data.rng)
+        state.queue = [self._genes(x, f"queue[{i}]") for i, x in enumerate(data.queue)]
+        state.stale = {m.number: m for m in (self._member(m, f"stale[{i}]") for i, m in enumerate(data.stale))}
+        self._replay([self._member(m, f"generation[{i}]") for i, m in enumerate(data.generation)])
+
+    def _expect_this_search(self, data: StateData) -> None:
+        es = self.state.es
+        expected = {
+            "genes": (self.names, f"the {len(self.names)} genes of this search's genome"),
+            "popsize": (es.popsize, f"{es.popsize}, this search's population size"),
+            "sigma0": (es.sigma0, f"{es.sigma0}, this search's optimizer.sigma0"),
+        }
+        for name, (ours, wanted) in expected.items():
+            if getattr(data, name) != ours:
+                raise InputError(self.checkpoint, name, f"expected {wanted}, got {shown(getattr(data, name))}")
+
+    def _restore(self, strategy: dict[str, Any], directions: DirectionData, rng: RngData) -> None:
+        """Set the stored strategy, directions and RNG state on the fresh strategy, each checked against it."""
+        es, fields = self.state.es, _fields(self.state.es)
+        self._expect_keys(strategy, [*fields, "sigma_vec"])
+        for name, (attribute, kind) in fields.items():
+            path, _, leaf = attribute.rpartition(".")
+            owner = attrgetter(path)(es) if path else es
+            setattr(owner, leaf, self._like(kind, getattr(owner, leaf), strategy[name], f"strategy.{name}"))
+        es._updateBDfromSM()  # es.B, es.C, es.D, es.dC are pycma's copies of the sampler's: refresh them
+        es.mean_after_tell[:] = es.mean  # as every tell leaves it
+        # Scales pycma moves out of C when a std leaves [minstd, maxstd] or C's diagonal grows ill-conditioned; as
+        # a vector even when all ones (a scalar 1 in a fresh strategy): pycma computes the same with either.
+        es.sigma_vec = DiagonalDecoding(self._array(strategy["sigma_vec"], self.lower.shape, "strategy.sigma_vec"))
+        es.pop_injection_directions = self._directions(directions)
+        es._indices_of_selective_mirrors = directions.mirrors
+        self._array(rng.cached_gaussian, (), "rng.cached_gaussian")
+        self.state.rng.set_state(
+            ("MT19937", np.array(rng.key, dtype=np.uint32), rng.pos, rng.has_gauss, rng.cached_gaussian)
+        )
+        self.state.start = _snapshot(es, self.state.rng)
+
+    def _expect_keys(self, strategy: dict[str, Any], expected: list[str]) -> None:
+        missing = [name for name in expected if name not in strategy]
+        if missing:
+            raise InputError(self.checkpoint, f"strategy.{missing[0]}", "expected a value, got nothing")
+        unknown = [name for name in strategy if name not in expected]
+        if unknown:
+            raise InputError(
+                self.checkpoint, f"strategy.{unknown[0]}", f"unknown key; expected one of: {', '.join(expected)}"
+            )
+
+    def _directions(self, directions: DirectionData) -> list[np.ndarray]:
+        es = self.state.es
+        most = es.sp.lam_mirr  # the selective mirrors (CSA: no sample pair along the mean shift)
+        if len(directions.vectors) > most:
+            raise InputError(
+                self.checkpoint, "directions.vectors", f"expected at most {most}, got {len(directions.vectors)}"
+            )
+        return [self._array(y, self.lower.shape, f"directions.vectors[{i}]") for i, y in enumerate(directions.vectors)]
+
+    def _read(self) -> StateData:
+        try:
+            data = json.loads(self.checkpoint.read_text())
+        except ValueError:  # UnicodeDecodeError is one too
+            raise InputError(
+                self.checkpoint, None, "expected CMA-ES state as JSON, got a file that does not parse"
+            ) from None
+        found = data.get("format") if isinstance(data, dict) else None
+        if found != FORMAT:
+            raise InputError(self.checkpoint, "format", f"expected CMA-ES state format {FORMAT}, got {found!r}")
+        try:
+            return StateData.model_validate(data)
+        except ValidationError as err:
+            raise from_validation(err, str(self.checkpoint), StateData) from None
+
+    def _replay(self, stored: list[Member]) -> None:
+        """Ask pycma for the stored generation again, from the strategy and RNG as of its start: so pycma rebuilds
+        its own record of what it sent and injected, the RNG ends where it was, and the stored ones are checked."""
+        if not stored:
+            return
+        population = len(stored) - sum(m.kind == "spare" for m in stored)
+        if population != self.popsize:
+            raise InputError(
+                self.checkpoint, "generation", f"expected {self.popsize} candidates besides spares, got {population}"
+            )
+        asked = self._sample([m.x for m in stored if m.kind == "warm_start"])  # takes them all, as it did
+        asked += [self._spare() for m in stored if m.kind == "spare"]
+        for i, (mine, again) in enumerate(zip(stored, asked, strict=True)):
+            if not _same_candidate(mine, again):
+                raise InputError(
+                    self.checkpoint,
+                    f"generation[{i}]",
+                    "expected the candidate the stored strategy proposes, got another",
+                )
+        self.state.generation[:] = stored
+
+    def _member(self, data: MemberData, field: str) -> Member:
+        value = None if data.value is None else float(self._array(data.value, (), f"{field}.value"))
+        z = self._array(data.z, self.lower.shape, f"{field}.z")
+        return Member(z, self._genes(data.x, f"{field}.x"), data.kind, data.number, data.done, value)
+
+    def _genes(self, value: list[float], field: str) -> np.ndarray:
+        x = self._array(value, self.lower.shape, field)
+        if np.any(x < self.lower) or np.any(x > self.upper):
+            raise InputError(self.checkpoint, field, "expected a genome within the genome's bounds, got one outside")
+        return x
+
+    def _like(self, kind: type, current: Any, value: Any, field: str) -> Any:
+        """`value` checked to be a `kind` as pycma holds in `current`: an integer, a finite number, or finite numbers
+        of its shape laid out in memory as it is (pycma keeps B in Fortran order): BLAS sums a product in another
+        order for another layout, so the last bits of every later proposal depend on it."""
+        if kind is int:
+            if type(value) is not int:
+                raise InputError(self.checkpoint, field, f"expected an integer, got {shown(value)}")
+            return value
+        if kind is float:
+            return float(self._array(value, (), field))
+        array = self._array(value, np.shape(current), field)
+        return np.asarray(array, order="F" if current.flags.f_contiguous and not current.flags.c_contiguous else "C")
+
+    def _array(self, value: Any, shape: tuple[int, ...], field: str) -> np.ndarray:
+        """`value` as a float array of `shape`, every entry finite; or the InputError saying what came instead."""
+        wanted = f"{'x'.join(map(str, shape))} finite numbers" if shape else "a finite number"
+        try:
+            array = np.asarray(value)
+            numeric = array.dtype.kind in "iuf"
+        except ValueError:  # lists of unequal lengths
+            numeric = False
+        if not numeric:
+            raise InputError(self.checkpoint, field, f"expected {wanted}, got {shown(value)}")
+        if array.shape != shape:
+            got = "x".join(map(str, array.shape)) or "one number"
+            raise InputError(self.checkpoint, field, f"expected {wanted}, got {got}")
+        if not np.all(np.isfinite(array)):
+            raise InputError(
+                self.checkpoint, field, f"expected {wanted}, got {shown(value) if not shape else 'non-finite ones'}"
+            )
+        return array.astype(np.float64)
 
     def _recover(self) -> None:
         """Reconcile the checkpoint with the study after a kill: take results the study has that the

@@ -162,6 +162,8 @@ class FinalComparison:
             list(self.objectives.keys),
             list(self.objectives.directions),
         )
+        for member in summary.front:
+            self.tracker.log_trial_heldout(member.trial, member.heldout)
         if rows:
             self.tracker.log_heldout(rows)
         self.say(table)

@@ -8,9 +8,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.stats
+
+# Optuna's exact hypervolume (2-D sweep, WFG above) is what its own samplers and plots use; it has no public
+# alias yet, so the import is pinned by pyproject's optuna range and by tests/test_statistics.py's hand values.
+from optuna._hypervolume import compute_hypervolume
 
 DIRECTIONS = ("maximize", "minimize")
-# Bootstrap resamples are drawn in blocks so that memory stays near this many indices whatever the item count.
+# Bootstrap resamples are drawn in batches so that memory stays near this many indices whatever the item count.
 _BOOTSTRAP_BLOCK_INDICES = 1 << 22
 
 
@@ -55,16 +60,19 @@ def paired_bootstrap(
     if resamples < 1:
         raise ValueError(f"paired_bootstrap: resamples must be >= 1, got {resamples}")
 
-    rng = np.random.default_rng(seed)
-    block = max(1, _BOOTSTRAP_BLOCK_INDICES // n)
-    means = np.concatenate(
-        [
-            diff[rng.integers(0, n, size=(min(block, resamples - start), n))].mean(axis=1)
-            for start in range(0, resamples, block)
-        ]
+    # scipy resamples item indices jointly for a and b (paired=True), in batches that bound memory.
+    result = scipy.stats.bootstrap(
+        (a, b),
+        lambda x, y, axis=-1: np.mean(x - y, axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        batch=max(1, _BOOTSTRAP_BLOCK_INDICES // n),
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
     )
-    alpha = 1 - confidence
-    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    low, high = result.confidence_interval
     return PairedDiff(mean_diff=float(diff.mean()), low=float(low), high=float(high), n=n, confidence=confidence)
 
 
@@ -99,32 +107,11 @@ def pareto_front(points: np.ndarray | Sequence[Sequence[float]], directions: Seq
 def hypervolume(
     points: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]
 ) -> float:
-    """Volume dominated by `points` and bounded by `reference` (exact, any number of objectives).
+    """Volume dominated by `points` and bounded by `reference` (exact, any number of objectives: Optuna's WFG).
 
-    Points that do not strictly beat the reference in every objective add nothing. Optuna's implementation
-    lives in a private module (optuna._hypervolume), so this is a small exact slicing algorithm instead:
-    fine for the few hundred front points a search produces.
+    Points that do not strictly beat the reference in every objective add nothing.
     """
     minimized = _as_minimized(points, directions)
     ref = _as_minimized([reference], directions)[0]
     inside = minimized[(minimized < ref).all(axis=1)]
-    return _minimized_volume(inside, ref)
-
-
-def _minimized_volume(points: np.ndarray, ref: np.ndarray) -> float:
-    if len(points) == 0:
-        return 0.0
-    points = points[_non_dominated(points)]
-    if points.shape[1] == 1:
-        return float(ref[0] - points[:, 0].min())
-    # Slice along the last objective: between consecutive levels the dominated region is the (d-1)-dimensional
-    # volume of every point at or below that level, times the slab height.
-    points = points[np.argsort(points[:, -1], kind="stable")]
-    levels = np.append(points[:, -1], ref[-1])
-    return float(
-        sum(
-            _minimized_volume(points[: i + 1, :-1], ref[:-1]) * (levels[i + 1] - levels[i])
-            for i in range(len(points))
-            if levels[i + 1] > levels[i]
-        )
-    )
+    return float(compute_hypervolume(inside, ref)) if len(inside) else 0.0

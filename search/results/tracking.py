@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import re
-import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,8 @@ STATUS_TAG = "evomerge.status"
 ERROR_TAG = "evomerge.error"
 RESUMES_TAG = "evomerge.resumes"
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
-TIME_METRICS = ("merge_s", "eval_s")
+COST_METRICS = ("merge_s", "eval_s", "items")  # what a trial cost, beside its scores
+HELDOUT_PREFIX = "heldout/"
 RUN_STATUS = {"complete": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 VERSIONED_PACKAGES = ("evomerge", "torch", "transformers", "lm_eval", "mergekit", "mlflow")
 # MLflow's per-call limits: params and tags 100 each, 1000 entities in all.
@@ -98,6 +98,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self._children: dict[int, str] = {}  # trial number -> child run id
         self.trial_scores: dict[int, dict[str, float]] = {}  # complete trials, resumed ones too: metric key -> score
+        self.trial_items: dict[int, int] = {}  # items each trial was scored on (failed ones too, where known)
 
     # -- the parent run -------------------------------------------------------------------------------------
     def start(
@@ -116,7 +117,7 @@ class Tracker:
         self.experiment_id = self._experiment_id()
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {}))
         self.parent_run_id = run.info.run_id
-        self._children, self.trial_scores = {}, {}
+        self._children, self.trial_scores, self.trial_items = {}, {}, {}
         versions = {f"version.{package}": version for package, version in package_versions().items()}
         self._log_batch(self.parent_run_id, params=flatten(config) | versions)
         self.client.log_text(self.parent_run_id, yaml.safe_dump(dict(config), sort_keys=False), "config.yaml")
@@ -176,7 +177,7 @@ class Tracker:
         return parent
 
     def _load_children(self) -> None:
-        self._children, self.trial_scores = {}, {}
+        self._children, self.trial_scores, self.trial_items = {}, {}, {}
         token = None
         while True:
             page = self.client.search_runs(
@@ -188,8 +189,13 @@ class Tracker:
             for run in page:
                 trial = int(run.data.tags[TRIAL_TAG])
                 self._children.setdefault(trial, run.info.run_id)
+                metrics = run.data.metrics
+                if "items" in metrics:
+                    self.trial_items[trial] = int(metrics["items"])
                 if run.data.tags.get(STATUS_TAG) == "complete":
-                    self.trial_scores[trial] = {k: v for k, v in run.data.metrics.items() if k not in TIME_METRICS}
+                    self.trial_scores[trial] = {
+                        k: v for k, v in metrics.items() if k not in COST_METRICS and not k.startswith(HELDOUT_PREFIX)
+                    }
             token = page.token
             if not token:
                 return
@@ -241,8 +247,11 @@ class Tracker:
         merge_s: float,
         eval_s: float,
         error: str | None = None,
+        items: int | None = None,
     ) -> str:
-        """One child run per trial number: genes as params, scores and seconds as metrics, the recipe as YAML.
+        """One child run per trial number: genes as params, scores, seconds and items as metrics, the recipe as YAML.
+
+        `items`: how many items the candidate was scored on (its cost); None where no scores came back.
 
         Logging a number again (a resumed search replaying its last trials) updates the same child run. The
         genes must be the same as before: MLflow params cannot change, and a replay that changes them is a bug.
@@ -265,11 +274,12 @@ class Tracker:
             self._delete_tag(run_id, ERROR_TAG)  # a replay that succeeded must not keep the old error
         tags = {STATUS_TAG: status} | ({ERROR_TAG: error} if error else {})
         score_metrics = {metric_key(name): value for name, value in (scores or {}).items()}
+        cost = {"merge_s": merge_s, "eval_s": eval_s} | ({"items": items} if items is not None else {})
         try:
             self._log_batch(
                 run_id,
                 params={metric_key(k): repr(float(v)) for k, v in params.items()},
-                metrics=score_metrics | {"merge_s": merge_s, "eval_s": eval_s},
+                metrics=score_metrics | cost,
                 tags=tags,
             )
         except MlflowException as err:
@@ -285,7 +295,16 @@ class Tracker:
             self.trial_scores[number] = score_metrics
         else:
             self.trial_scores.pop(number, None)
+        if items is not None:
+            self.trial_items[number] = items
         return run_id
+
+    def log_trial_heldout(self, number: int, scores: Mapping[str, float]) -> None:
+        """A front member's held-out scores on its own child run, as heldout/<task> metrics."""
+        run_id = self._children.get(number)
+        if run_id is None:
+            raise ValueError(f"log_trial_heldout: trial {number} has no child run; log_trial it first")
+        self._log_batch(run_id, metrics={f"{HELDOUT_PREFIX}{task}": value for task, value in scores.items()})
 
     def _delete_tag(self, run_id: str, key: str) -> None:
         try:
@@ -298,7 +317,7 @@ class Tracker:
     def log_front(
         self, rows: Sequence[Mapping[str, Any]], objectives: Sequence[str], directions: Sequence[str]
     ) -> None:
-        """The Pareto front on the parent: front.csv, front.png and front/trial-N.yaml per member.
+        """The Pareto front on the parent: front.csv, front.png, front/trial-N.yaml per member, and best_vs_cost.png.
 
         Each row needs 'trial' and a value per objective; an optional 'recipe' holds the recipe YAML text, and
         any other scalar keys (held-out scores, say) become more CSV columns. Calling it again replaces
@@ -322,6 +341,8 @@ class Tracker:
         self.client.log_text(parent, _to_csv(records), "front.csv")
         figure = plot_front(self.trial_scores, records, objectives, directions)
         self.client.log_figure(parent, figure, "front.png")
+        figure = plot_best_vs_cost(self.trial_scores, self.trial_items, objectives, directions)
+        self.client.log_figure(parent, figure, "best_vs_cost.png")
 
     def log_best(self, best_file: Path) -> None:
         """The recommended recipe (best.yml) on the parent, where a reviewer looks for the result."""
@@ -332,22 +353,7 @@ class Tracker:
         parent = self._parent()
         self.client.log_text(parent, _to_csv([row.as_record() for row in rows]), "heldout.csv")
         self.client.log_text(parent, format_table(rows) + "\n", "heldout.txt")
-        self._log_batch(parent, metrics={f"heldout/{row.entry}/{row.task}": row.score for row in rows})
-
-    def ui_command(self) -> str:
-        """The shell command that serves this search's runs on http://127.0.0.1:5000 (loopback only)."""
-        uri = self.tracking_uri
-        if uri.startswith(("http://", "https://")):
-            return f"python -m webbrowser {shlex.quote(uri)}"  # a server already shows it
-        if uri.startswith("sqlite:///"):
-            uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-        elif "://" not in uri:
-            uri = str(Path(uri).resolve())
-        # Job execution would start ~10 server processes (~1.9 GiB) that browsing runs never needs.
-        return (
-            f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri {shlex.quote(uri)} "
-            "--host 127.0.0.1 --port 5000"
-        )
+        self._log_batch(parent, metrics={f"{HELDOUT_PREFIX}{row.entry}/{row.task}": row.score for row in rows})
 
 
 def plot_front(
@@ -382,5 +388,36 @@ def plot_front(
         axes.set_ylabel(f"{objectives[1]} ({directions[1]})")
     projection = f", first 2 of {len(objectives)} objectives" if len(objectives) > 2 else ""
     axes.set_title(f"{len(trials)} complete trials, {len(front)} on the front{projection}", fontsize="small")
+    axes.legend(loc="best", fontsize="small")
+    return figure
+
+
+def plot_best_vs_cost(
+    trial_scores: Mapping[int, Mapping[str, float]],
+    trial_items: Mapping[int, int],
+    objectives: Sequence[str],
+    directions: Sequence[str],
+) -> Figure:
+    """Best-so-far per objective against the items evaluated so far, trials taken in the order they were asked.
+
+    Failed trials add their items to the cost (they were paid for) but no point; one whose scores never came back
+    has no known item count and adds nothing."""
+    figure = Figure(figsize=(6.4, 4.8), layout="constrained")
+    axes = figure.add_subplot()
+    trials = sorted(set(trial_scores) | set(trial_items))
+    spent = dict(zip(trials, np.cumsum([trial_items.get(t, 0) for t in trials]).tolist(), strict=True))
+    for name, direction in zip(objectives, directions, strict=True):
+        key = metric_key(name)
+        scored = [t for t in trials if key in trial_scores.get(t, {})]
+        accumulate = np.maximum.accumulate if direction == "maximize" else np.minimum.accumulate
+        best = accumulate(np.array([trial_scores[t][key] for t in scored]))
+        axes.step(
+            [spent[t] for t in scored], best, where="post", marker="o", markersize=3, label=f"{name} ({direction})"
+        )
+    axes.set_xlabel("items evaluated (cumulative)")
+    axes.set_ylabel("best so far")
+    axes.set_title(
+        f"best so far against cost, {sum(trial_items.values())} items in {len(trials)} trials", fontsize="small"
+    )
     axes.legend(loc="best", fontsize="small")
     return figure
