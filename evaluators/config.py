@@ -24,6 +24,9 @@ class TaskSpec(_Strict):
     higher_is_better: bool | None = None
     # Items scored per candidate: a fixed subset drawn with EvalConfig.subset_seed. None: every item.
     limit: PositiveInt | None = None
+    # Items of that seeded order to skip first: a spec with offset N never shares an item with the spec of
+    # limit N (the search's fitness items), e.g. for a selection split on the same task.
+    offset: NonNegativeInt = 0
     # None: the task's own setting (0 when the task has none).
     num_fewshot: NonNegativeInt | None = None
 

@@ -92,6 +92,18 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def _subset(n_docs: int, spec: TaskSpec, rng: random.Random) -> list[int]:
+    """Items [offset, offset + limit) of one seeded order of the task's items, in index order.
+
+    The order starts with the subset a spec of `limit: offset` draws (so an offset-less spec keeps the items it
+    always had) and goes on with the other items, drawn from the same generator. Not the prefix of one long
+    sample: random.sample switches algorithm with the sample's size, so that would move the first items.
+    """
+    skipped = set(rng.sample(range(n_docs), spec.offset))
+    rest = [i for i in range(n_docs) if i not in skipped]
+    return sorted(rng.sample(rest, len(rest) if spec.limit is None else min(spec.limit, len(rest))))
+
+
 @dataclass
 class _BoundTask:
     """One lm-eval task resolved for a TaskSpec: the task object, its fixed items and the metric to read."""
@@ -185,6 +197,13 @@ class Evaluator:
                 instance.resps.append(response)
         return {bound.spec.task: bound.score() for bound in self.tasks}
 
+    def sizes(self) -> dict[str, dict[str, int]]:
+        """Each spec's tasks (a group's members, or the task itself) and their item counts, before any limit."""
+        return {
+            bound.spec.task: {member.task.task_name: len(member.task.eval_docs) for member in bound.members}
+            for bound in self.tasks
+        }
+
     def _members(self) -> list[_BoundTask]:
         return [member for bound in self.tasks for member in bound.members]
 
@@ -253,18 +272,16 @@ class Evaluator:
         task.set_fewshot_seed(seed=self.config.fewshot_seed)
 
         n_docs = len(task.eval_docs)
-        if spec.limit is None or spec.limit >= n_docs:
-            item_ids = list(range(n_docs))
-        else:
-            # The task name in the seed: a group's equally sized members do not all get the same indices.
-            rng = random.Random(f"{self.config.subset_seed}:{task.task_name}")
-            item_ids = sorted(rng.sample(range(n_docs), spec.limit))
+        if spec.offset >= n_docs:
+            raise InputError(where, "offset", f"expected fewer than the task's {n_docs} items, got {spec.offset}")
+        # The task name in the seed: a group's equally sized members do not all get the same indices.
+        rng = random.Random(f"{self.config.subset_seed}:{task.task_name}")
         return _BoundTask(
             task=task,
             metric=metric,
             filter_name=filter_name,
             higher_is_better=declared[metric] if spec.higher_is_better is None else spec.higher_is_better,
-            item_ids=item_ids,
+            item_ids=_subset(n_docs, spec, rng),
             aggregate=task.aggregation()[metric],
         )
 

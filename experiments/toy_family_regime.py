@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from evaluators.toy_family.build import SIZES, THREADS, train_models
+from evaluators.toy_family.build import SIZES, THREADS, default_workers, train_models
 from evaluators.toy_family.scoring import accuracy
 from evaluators.toy_family.skills import SKILLS
 from evaluators.toy_family.splits import make_splits
@@ -44,7 +44,7 @@ def run_seed(size, skills: list[str], seed: int, split_seed: int, merge: bool) -
     }
     held_out = frozenset(p for by_split in splits.values() for items in by_split.values() for p, _ in items)
     started = time.perf_counter()
-    models, _, timings = train_models(size, skills, seed, held_out)
+    models, _, timings = train_models(size, skills, seed, held_out, workers=default_workers(size, len(skills)))
     result = {
         "seed": seed,
         "train_s": round(time.perf_counter() - started, 1),

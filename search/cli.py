@@ -51,7 +51,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from search.results.export import export_recipe
     from search.run_dir import write_atomically
 
-    text = export_recipe(Path(args.run_dir), objective=args.objective, rank=args.rank)
+    text = export_recipe(Path(args.run_dir), objective=args.objective, rank=args.rank, evolved=args.evolved)
     if args.out is None:
         print(text, end="")
         return
@@ -94,12 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config")
     plan.set_defaults(run=cmd_plan)
 
-    export = commands.add_parser("export", help="write a front member of a finished search as mergekit YAML")
+    export = commands.add_parser(
+        "export", help="write a finished search's recommended recipe, or a front member, as mergekit YAML"
+    )
     export.add_argument("run_dir")
     export.add_argument("--out", help="file to write (default: standard output)")
     pick = export.add_mutually_exclusive_group()
     pick.add_argument("--objective", help="the front member best on this objective")
     pick.add_argument("--rank", type=int, help="the K-th front member by mean search score (1 = best)")
+    pick.add_argument(
+        "--evolved", action="store_true", help="the best evolved recipe, even where the gate chose a reference instead"
+    )
     export.set_defaults(run=cmd_export)
 
     ui = commands.add_parser("ui", help="serve a run's MLflow dashboard (and its Optuna study) on 127.0.0.1")

@@ -139,7 +139,7 @@ class GenomeConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["cmaes", "nsga2", "tpe", "random"] = "cmaes"
+    name: Literal["cmaes", "nsga2", "tpe", "gp", "random"] = "cmaes"
     popsize: int | None = Field(None, ge=2)  # CMA-ES lambda / NSGA-II population; None: the library default
     sigma0: float = Field(0.25, gt=0, le=1)  # CMA-ES initial step, as a fraction of each gene's range
     seed: int | None = None  # None: the top-level seed
@@ -159,6 +159,14 @@ class TaskConfig(Section):
 class FitnessConfig(Section):
     limit: int | None = Field(None, ge=1)  # items per task; None: every item
     subset_seed: int = 1234  # fixed, so every candidate is scored on the same items
+
+
+class SelectionConfig(Section):
+    """Items of the objective tasks that the optimizer never fits, where the winner is chosen: the best of many
+    candidates on the items they were all tuned on is an upward-biased pick (the winner's curse)."""
+
+    limit: int = Field(ge=1)  # items per objective task, drawn after the fitness.limit fitness items
+    top_k: int = Field(5, ge=1)  # candidates re-scored there: the best by search fitness, front members first
 
 
 class HeldOutConfig(Section):
@@ -194,13 +202,16 @@ class EvaluationConfig(EvalConfig):
 
 
 class BudgetConfig(Section):
+    """When the search stops asking: whichever limit is reached first."""
+
     trials: int | None = Field(100, ge=1)
     wall_time: Seconds | None = None  # seconds, or '90s' / '30m' / '2h' / '1d'
+    item_evals: int | None = Field(None, ge=1)  # scored items, what a real model's GPU time scales with
 
     @model_validator(mode="after")
     def _some_limit(self) -> Self:
-        if self.trials is None and self.wall_time is None:
-            raise FieldProblem("trials", "expected a trial count or a wall_time, got neither")
+        if self.trials is None and self.wall_time is None and self.item_evals is None:
+            raise FieldProblem("trials", "expected a trial count, a wall_time or item_evals, got none")
         return self
 
 
@@ -251,6 +262,7 @@ class SearchConfig(Section):
     genome: GenomeConfig = GenomeConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     fitness: FitnessConfig = FitnessConfig()
+    selection: SelectionConfig | None = None  # None: the winner is chosen on the search scores
     held_out: HeldOutConfig = HeldOutConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     budget: BudgetConfig = BudgetConfig()
@@ -272,6 +284,11 @@ class SearchConfig(Section):
         self._check_method()
         self._check_genome()
         self._check_objectives()
+        if self.selection is not None and self.fitness.limit is None:
+            raise FieldProblem(
+                "fitness.limit",
+                "expected an item count with a selection section (its items follow the fitness ones), got none",
+            )
         if self.output_dir is None:
             self.output_dir = _resolve(Path("runs") / (info.context or {}).get("stem", "search"), info)
         if self.tracking.mlflow_uri is None:
@@ -337,7 +354,7 @@ class SearchConfig(Section):
             if key in seen:
                 raise FieldProblem(f"objectives[{index}]", f"expected each task/metric once, got {key} twice")
             seen.add(key)
-        if len(self.objectives) > 1 and self.optimizer.name in ("cmaes", "tpe"):
+        if len(self.objectives) > 1 and self.optimizer.name in ("cmaes", "tpe", "gp"):
             raise FieldProblem(
                 "optimizer.name",
                 f"expected nsga2 or random for {len(self.objectives)} objectives (a Pareto search), "
@@ -369,13 +386,21 @@ class SearchConfig(Section):
         """What only the final report scores; never seen by the search."""
         return [self._spec(task, self.held_out.limit) for task in self.held_out.tasks]
 
-    def _spec(self, task: TaskConfig, limit: int | None) -> TaskSpec:
+    def selection_specs(self) -> list[TaskSpec]:
+        """The objectives again, on the selection.limit items that follow the fitness ones; none without a
+        selection section."""
+        if self.selection is None:
+            return []
+        return [self._spec(objective, self.selection.limit, self.fitness.limit) for objective in self.objectives]
+
+    def _spec(self, task: TaskConfig, limit: int | None, offset: int = 0) -> TaskSpec:
         fewshot = self.evaluation.num_fewshot if task.num_fewshot is None else task.num_fewshot
         return TaskSpec(
             task=task.task,
             metric=task.metric,
             higher_is_better=task.direction == "maximize",
             limit=limit,
+            offset=offset,
             num_fewshot=fewshot,
         )
 

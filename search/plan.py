@@ -1,18 +1,20 @@
-"""`evomerge plan`: validate a search, time one candidate for real, and project the run's wall time.
+"""`evomerge plan`: validate a search, time one candidate for real, and project the run's wall time and cost.
 
 The timing runs the same worker code as the search (in this process, no Ray): sources loaded, a default
 candidate merged into the live model and scored, twice — the second call is the steady state a search pays.
 """
 
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from search.config import SearchConfig
+from search.config import BudgetConfig, SearchConfig
 from search.execution.preflight import preflight, worker_spec
 from search.execution.worker import HELDOUT, SEARCH, CandidateWorker, Job
 from search.genome import Genome
+from search.optimizers import advice, check_fits
 from search.results import baselines
 
 
@@ -21,6 +23,7 @@ def plan_search(config_path: Path) -> str:
     started = time.perf_counter()
     checked = preflight(config)
     genome = Genome(config, checked.tensor_names, checked.num_layers)
+    check_fits(config, genome)  # before timing a candidate: a search that cannot run needs no projection
     defaults = genome.default_candidates()
     x = defaults[0] if defaults else (genome.lower + genome.upper) / 2
     job = Job(genome.decode(x).to_yaml(), seed=config.seed)
@@ -33,21 +36,39 @@ def plan_search(config_path: Path) -> str:
     heldout_s = worker.run(Job(job.recipe_yaml, job.seed, HELDOUT)).eval_s if config.held_out.tasks else 0.0
 
     workers, budget = config.execution.workers, config.budget
-    search_s = budget.trials * per_trial / workers if budget.trials else float("inf")
-    if budget.wall_time is not None:
-        search_s = min(search_s, budget.wall_time)
-    # After the search: the λ grid on the search split, then parents, default baselines and the front held out.
-    final_s = len(baselines.LAMBDA_GRID) * per_trial / workers
-    final_s += (2 + len(config.models.fine_tunes) + 3 + 3) * (steady.merge_s + heldout_s) / workers
+    limit, candidates = binding_limit(budget, per_trial / workers, steady.items)
+    search_s = candidates * per_trial / workers
+    # After the search: the tuning grids and the parents on the search split, then the parents, the default and
+    # tuned baselines and (say) 3 front members held out.
+    base, children = config.models.base, list(config.models.fine_tunes)
+    grids = sum(len(family.candidates(base, children)) for family in baselines.TUNED)
+    parents, references = 1 + len(children), len(baselines.default_baselines(base, children)) + len(baselines.TUNED)
+    final_s = (grids + parents) * per_trial / workers
+    final_s += (parents + references + 3) * (steady.merge_s + heldout_s) / workers
     lines = [
         f"config        {config.where}: valid; {len(config.models.fine_tunes)} fine-tunes of {config.models.base}",
         f"genome        {genome.dim} genes ({config.merge.method}: {', '.join(config.genome.params)}), "
         f"{checked.num_layers} layers, bounds {np.round(genome.lower.min(), 3)}..{np.round(genome.upper.max(), 3)}",
+        f"optimizer     {advice(config, genome)}",
         f"objectives    {', '.join(f'{o.task} ({o.metric}, {o.direction})' for o in config.objectives)}",
         f"held out      {', '.join(t.task for t in config.held_out.tasks) or 'none'}",
         f"one candidate merge {steady.merge_s:.3f}s + {SEARCH} eval {steady.eval_s:.3f}s; worker start {load_s:.1f}s",
-        f"budget        {budget.trials or '∞'} trials, wall time {budget.wall_time or '∞'} s, {workers} worker(s)",
+        f"budget        {budget.trials or '∞'} trials, wall time {budget.wall_time or '∞'} s, "
+        f"{budget.item_evals or '∞'} items, {workers} worker(s)",
+        f"cost          {steady.items} items per candidate × ~{candidates:.0f} candidates = "
+        f"~{candidates * steady.items:.0f} items; budget.{limit} binds",
         f"projected     search ~{search_s:.0f}s + final comparison ~{final_s:.0f}s "
         f"(+ Ray and worker start ~{load_s + 10:.0f}s); planning took {time.perf_counter() - started:.0f}s",
     ]
     return "\n".join(lines)
+
+
+def binding_limit(budget: BudgetConfig, seconds_each: float, items_each: int) -> tuple[str, float]:
+    """The budget limit that stops the search first, and how many candidates run by then. `seconds_each`: wall
+    time per candidate with every worker busy. Item budgets round up: the candidate that crosses one finishes."""
+    candidates = {
+        "trials": budget.trials,
+        "wall_time": None if budget.wall_time is None else budget.wall_time / seconds_each,
+        "item_evals": None if budget.item_evals is None else math.ceil(budget.item_evals / items_each),
+    }
+    return min(((name, n) for name, n in candidates.items() if n is not None), key=lambda limit: limit[1])

@@ -29,7 +29,8 @@ from search.execution.ray_runtime import start_ray, stop_ray
 from search.execution.worker import CandidateWorker, Job, JobResult
 from search.fitness import Objectives
 from search.genome import Genome
-from search.optimizers import Optimizer, make_optimizer
+from search.optimizers import Optimizer, check_fits, make_optimizer
+from search.optimizers.base import INTERRUPTED, ITEMS
 from search.progress import Progress
 from search.results.final import FinalComparison
 from search.results.front import Front
@@ -43,13 +44,14 @@ class Search:
         self.config, self.reporter, self.say = config, reporter, reporter.line
         RunDir(config.output_dir).expect_search(resume, config.where)
         checked = preflight(config)  # before the run dir exists: bad input leaves nothing behind
+        self.genome = Genome(config, checked.tensor_names, checked.num_layers)
+        check_fits(config, self.genome)  # its size is known only now; still before the run dir and Ray
         self.run_dir = RunDir.open(config.output_dir) if resume else RunDir.create(config.output_dir, config.where)
         if not resume:
             resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
             self.run_dir.write_text(
                 self.run_dir.resolved_config, f"# {config.where}, every default filled in\n{resolved}"
             )
-        self.genome = Genome(config, checked.tensor_names, checked.num_layers)
         self.objectives = Objectives.of(config)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO ('A new study created') is no progress
         self.optimizer: Optimizer = make_optimizer(config, self.genome, self.run_dir, resume)
@@ -63,9 +65,33 @@ class Search:
             tags={"evomerge.config": config.where},
             resume=resume,
         )
+        if resume:
+            self.log_unlogged_trials()
         self.asked: dict[int, tuple[np.ndarray, str]] = {}  # trials in flight: number -> (genome, recipe YAML)
-        self.items = 0  # items scored by this session's trials
+        self.items = sum(self.optimizer.spent.values())  # items the study's finished trials cost, resumed too
         self.trials = reporter.task("search", config.budget.trials, "trials", done=self.optimizer.n_done)
+
+    def log_unlogged_trials(self) -> None:
+        """A kill between the study's record of a trial and its MLflow child run leaves a finished trial that
+        MLflow never saw: log it now from the study and its recipe file (its merge and eval seconds are lost)."""
+        study = self.optimizer.study
+        interrupted = set(study.user_attrs.get(INTERRUPTED, []))  # re-queued under new numbers, never finished
+        spent = self.optimizer.spent
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+            if trial.number in interrupted or self.tracker.has_trial(trial.number):
+                continue
+            complete = trial.state == TrialState.COMPLETE
+            self.tracker.log_trial(
+                trial.number,
+                trial.params,
+                self.run_dir.read_text(self.run_dir.trial_recipe(trial.number)),
+                dict(zip(self.objectives.keys, trial.values, strict=True)) if complete else None,
+                "complete" if complete else "failed",
+                merge_s=0.0,
+                eval_s=0.0,
+                error=None if complete else "reason lost: the run was killed before logging this trial",
+                items=spent.get(trial.number),
+            )
 
     # -- the search phase -----------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -88,7 +114,8 @@ class Search:
             self.search(pool, started)
             evaluate = partial(self.evaluate, pool)
             final = FinalComparison(config, self.run_dir, self.objectives, self.tracker, evaluate, started, self.say)
-            summary = final.run(Front.of(self.completed(), self.objectives), self.completed(), self.optimizer.n_done)
+            front = Front.of(self.completed(), self.objectives)
+            summary = final.run(front, self.completed(), self.optimizer.n_done, self.optimizer.spent)
         except BaseException:
             self.tracker.finish("killed")
             raise
@@ -105,6 +132,10 @@ class Search:
         budget = self.config.budget
         done = self.optimizer.n_done
         if budget.trials is not None and done + len(self.asked) >= budget.trials:
+            return False
+        # From the study, so a resumed run counts what it paid before the kill; candidates in flight count
+        # nothing yet, so the last ones may finish past the budget.
+        if budget.item_evals is not None and sum(self.optimizer.spent.values()) >= budget.item_evals:
             return False
         return budget.wall_time is None or time.monotonic() - started < budget.wall_time
 
@@ -129,7 +160,8 @@ class Search:
         result: JobResult | None = outcome.value if outcome.ok else None
         values = self.objectives.values(result.scores) if result else None
         error = outcome.error if result is None else None if values else "non-finite score"
-        self.optimizer.tell(number, values)
+        # A failed candidate whose scores came back (non-finite) was paid for; one that crashed: unknown, 0.
+        self.optimizer.tell(number, values, {ITEMS: result.items if result else 0})
         self.tracker.log_trial(
             number,
             self.optimizer.params(x),

@@ -51,6 +51,8 @@ def test_plan_validates_times_and_projects_without_a_run_dir(toy_family, tmp_pat
     genes = 3 * 2 * (2 + 3 * layers)
     assert lines["genome"].startswith(f"genome        {genes} genes (ties: weight, density), {layers} layers")
     assert f"valid; 3 fine-tunes of {toy_family.base}" in lines["config"]
+    advice = f"cmaes ({genes} genes): CMA-ES adapts a full covariance; at {genes} genes gp would also fit"
+    assert lines["optimizer"] == f"optimizer     {advice}"
     assert "50 trials" in lines["budget"] and "projected" in lines
     timing = re.fullmatch(r"one candidate merge (\S+)s \+ search eval (\S+)s; worker start (\S+)s", lines["one"])
     assert timing and all(float(seconds) > 0 for seconds in timing.groups()), lines["one"]
@@ -65,9 +67,13 @@ def test_demo_end_to_end_on_the_test_family(toy_family, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (out / "search.yml").read_text().count(str(toy_family.root)) >= 4  # the family filled in
     summary = json.loads((out / "run" / "summary.json").read_text())
-    assert summary["trials"] == {"complete": 3, "failed": 0}
-    best = summary["best"]["trial"]
-    # best.yml is the best trial's recipe, with a header saying how to reproduce it
+    assert (summary["trials"]["complete"], summary["trials"]["failed"]) == (3, 0)
+    best, gate = summary["best"]["trial"], summary["gate"]
+    # best.yml is what the gate chose: the best trial's recipe if it beat the parents and tuned baselines
     exported = Recipe.from_yaml((out / "best.yml").read_text())
-    assert exported == Recipe.from_yaml((out / "run" / "recipes" / f"trial-{best}.yml").read_text())
+    references = {entry["name"]: entry["recipe"] for entry in summary["parents"] + summary["baselines"]}
+    chosen = (
+        (out / "run" / "recipes" / f"trial-{best}.yml").read_text() if gate["passed"] else references[gate["chosen"]]
+    )
+    assert exported == Recipe.from_yaml(chosen)
     assert "[3/3] trial" in result.stdout and "best recipe:" in result.stdout

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from merge_core.errors import InputError
 from search.config import SearchConfig
 from search.genome import Genome
-from search.optimizers import Optimizer, make_optimizer
+from search.optimizers import OPTIMIZERS, Optimizer, advice, check_fits, gp, make_optimizer
 from search.optimizers.base import INTERRUPTED
 from search.run_dir import RunDir
 
@@ -22,7 +22,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 NAMES = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
     f"model.layers.{i}.{part}.weight" for i in range(2) for part in ("mlp.up_proj", "input_layernorm")
 ]
-ALL = ["cmaes", "nsga2", "tpe", "random"]
+ALL = ["cmaes", "nsga2", "tpe", "gp", "random"]
 POPSIZE = 6
 TARGET = 0.3
 
@@ -78,7 +78,7 @@ def test_improves_on_the_sphere(tmp_path: Path, name: str):
 
 @pytest.mark.parametrize("name", ALL)
 def test_same_seed_gives_the_same_asks(tmp_path: Path, name: str):
-    trials = POPSIZE + 2  # into the second generation, which depends on the first one's results
+    trials = 12  # into the second generation, and past TPE's and the GP's 10 random startup trials
     first = run(open_optimizer(tmp_path / "a", name, seed=7), trials)
     np.random.seed(99)  # other code drawing from numpy's global RNG must not change the search
     np.random.rand(5)
@@ -421,3 +421,56 @@ def test_resume_with_another_genome_is_refused(tmp_path: Path):
         InputError, match=r"optuna\.db: search: expected a study of this genome \(6 genes\), got one of"
     ):
         make_optimizer(config, genome, RunDir(tmp_path), resume=True)
+
+
+def genome_of(genes: int, name: str = "gp", objectives: int = 1) -> Genome:
+    """make_genome's config over 2 + 2 * layers genes (`genes` even): the embeddings, the head, then mlp and the
+    rest per layer."""
+    layers = (genes - 2) // 2
+    names = NAMES[:3] + [
+        f"model.layers.{i}.{p}.weight" for i in range(layers) for p in ("mlp.up_proj", "input_layernorm")
+    ]
+    return Genome(make_genome(name, objectives=objectives).config, names, layers)
+
+
+def test_gp_takes_one_objective_only():
+    with pytest.raises(InputError) as caught:
+        make_genome("gp", objectives=2)
+    assert str(caught.value) == (
+        "search.yml: optimizer.name: expected nsga2 or random for 2 objectives (a Pareto search), got 'gp'"
+    )
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_pareto_flag_says_which_optimizers_the_config_takes_several_objectives_for(name: str):
+    try:
+        make_genome(name, objectives=2)
+    except InputError:
+        assert not OPTIMIZERS[name].pareto
+    else:
+        assert OPTIMIZERS[name].pareto
+
+
+def test_gp_is_refused_on_a_genome_above_its_bound():
+    fits, too_large = genome_of(gp.MAX_GENES), genome_of(gp.MAX_GENES + 2)
+    check_fits(fits.config, fits)
+    with pytest.raises(InputError) as caught:
+        check_fits(too_large.config, too_large)
+    assert str(caught.value) == (
+        f"search.yml: optimizer.name: expected a genome of at most {gp.MAX_GENES} genes for gp "
+        f"(beyond that one ask takes over 2 s), got {gp.MAX_GENES + 2} genes"
+    )
+    large = genome_of(gp.MAX_GENES + 2, "cmaes")
+    check_fits(large.config, large)  # the others take any size
+
+
+def test_advice_names_the_optimizer_the_genome_size_and_what_else_fits():
+    small, large, pareto = genome_of(6, "cmaes"), genome_of(gp.MAX_GENES + 2, "cmaes"), genome_of(6, "nsga2", 2)
+    assert (
+        advice(small.config, small) == "cmaes (6 genes): CMA-ES adapts a full covariance; at 6 genes gp would also fit"
+    )
+    assert advice(large.config, large) == f"cmaes ({large.dim} genes): CMA-ES adapts a full covariance"
+    assert advice(pareto.config, pareto) == "nsga2 (6 genes): NSGA-II evolves a Pareto front of the objectives"
+    assert advice(make_genome("gp").config, make_genome("gp")) == (
+        f"gp (6 genes): a GP models the genes jointly, sample-efficient on few trials; fits up to {gp.MAX_GENES} genes"
+    )

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from merge_core.errors import InputError
-from search.results.heldout import AVERAGE, HeldoutEntry, format_table, heldout_comparison, heldout_scores
+from search.results.heldout import (
+    AVERAGE,
+    CEILING,
+    HeldoutEntry,
+    ceiling,
+    ceiling_share,
+    format_table,
+    heldout_comparison,
+    heldout_scores,
+)
 from search.results.statistics import paired_bootstrap
 from search.results.summary import RunSummary, read_summary, write_summary
 from search.run_dir import RunDir
@@ -118,17 +127,20 @@ def test_format_table_lines_up_columns_and_shows_the_intervals(rows):
 SUMMARY = {
     "parents": [{"name": "math-parent", "heldout": {"arith": 0.8, "copy": 0.2, AVERAGE: 0.5}}],
     "baselines": [{"name": "linear", "heldout": {"arith": 0.5, "copy": 0.6, AVERAGE: 0.55}}],
-    "front": [{"trial": 7, "recipe": "front/trial-7.yaml", "search": {"arith": 0.9}, "heldout": {AVERAGE: 0.8}}],
+    "front": [
+        {"trial": 7, "recipe": "front/trial-7.yaml", "search": {"arith": 0.9}, "heldout": {AVERAGE: 0.8}, "items": 300}
+    ],
     "best": {
         "trial": 7,
         "recipe": "front/trial-7.yaml",
         "search": {"arith": 0.9},
         "heldout": {AVERAGE: 0.8},
+        "items": 300,
         "chosen_by": "highest mean search score",
         "best_parent": "math-parent",
         "vs_parent": {"mean_diff": 0.3, "low": 0.2, "high": 0.4, "n": 150, "confidence": 0.95},
     },
-    "trials": {"complete": 40, "failed": 2},
+    "trials": {"complete": 40, "failed": 2, "items": 12300, "final_items": 4500},
     "wall_s": 123.5,
 }
 
@@ -136,7 +148,7 @@ SUMMARY = {
 def test_summary_round_trips_through_summary_json(tmp_path):
     run = RunDir.create(tmp_path / "run", "search.yml")
     write_summary(run, RunSummary.model_validate(SUMMARY))
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["trials"] == {"complete": 40, "failed": 2}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["trials"] == SUMMARY["trials"]
     summary = read_summary(run)
     assert summary == RunSummary.model_validate(SUMMARY)
     assert summary.best.vs_parent.excludes_zero and summary.best.vs_baseline is None
@@ -151,9 +163,38 @@ def test_summary_scores_come_straight_from_the_rows(rows):
 
 def test_a_bad_summary_is_one_line_naming_the_file_and_field(tmp_path):
     run = RunDir.create(tmp_path / "run", "search.yml")
-    run.summary.write_text(json.dumps({**SUMMARY, "trials": {"complete": 1, "failed": "many"}}))
+    run.summary.write_text(json.dumps({**SUMMARY, "trials": {**SUMMARY["trials"], "failed": "many"}}))
     with pytest.raises(InputError, match=r"summary\.json: trials\.failed: expected an integer, got 'many'$"):
         read_summary(run)
     run.summary.write_text("{not json")
     with pytest.raises(InputError, match=r"summary\.json: <top level>: .*JSON"):
         read_summary(run)
+
+
+def test_the_ceiling_is_each_tasks_best_parent_and_no_evolved_row_is_compared_with_it():
+    top = ceiling(ENTRIES)
+    assert top.name == CEILING and top.kind == "ceiling"
+    # By hand: math-parent is best on arith (0.80 vs 0.20), copy-parent on copy (0.90 vs 0.20).
+    assert list(top.scores) == ["arith", "copy"]
+    assert top.scores["arith"] is ENTRIES[0].scores["arith"] and top.scores["copy"] is ENTRIES[1].scores["copy"]
+    rows = heldout_comparison([*ENTRIES, top], resamples=100)
+    assert row(rows, AVERAGE, CEILING).score == pytest.approx((0.8 + 0.9) / 2)
+    assert row(rows, AVERAGE, CEILING).n == 150  # concatenated like every other average row
+    assert row(rows, "copy", CEILING).vs_parent is None
+    evolved = row(rows, AVERAGE, "trial-7")
+    assert evolved.best_parent == "copy-parent" and evolved.vs_parent.mean_diff == pytest.approx(0.825 - 0.55)
+    # (0.825 - 0.55) / (0.85 - 0.55): trial-7 closes 11/12 of the gap from the best parent to the ceiling.
+    assert ceiling_share(rows, "trial-7") == pytest.approx(0.275 / 0.3)
+    assert "best parent per task = the ceiling" in format_table(rows).splitlines()[-1]
+
+
+def test_no_ceiling_on_one_task_and_no_share_without_a_gap():
+    one_task = [HeldoutEntry(e.name, e.kind, {"arith": e.scores["arith"]}) for e in ENTRIES]
+    assert ceiling(one_task) is None
+    assert ceiling_share(heldout_comparison(one_task, resamples=100), "trial-7") is None
+    # math-parent best on both tasks: the ceiling is math-parent itself, so there is no gap to share.
+    dominant = [ENTRIES[0], HeldoutEntry("weak", "parent", {"arith": correct_on(1, 100), "copy": correct_on(1, 50)})]
+    entries = [*dominant, ENTRIES[3]]
+    rows = heldout_comparison([*entries, ceiling(entries)], resamples=100)
+    assert row(rows, AVERAGE, CEILING).score == pytest.approx(row(rows, AVERAGE, "math-parent").score)
+    assert ceiling_share(rows, "trial-7") is None

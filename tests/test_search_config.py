@@ -119,7 +119,11 @@ HOSTILE = [
     ("optimizer.popsize", "ten", "optimizer.popsize: expected an integer >= 2, got 'ten'"),
     ("optimizer.popsize", 1, "optimizer.popsize: expected an integer >= 2, got 1"),
     ("optimizer.sigma0", 0, "optimizer.sigma0: expected a number > 0 and <= 1, got 0"),
-    ("optimizer.name", "bayes", "optimizer.name: expected one of 'cmaes', 'nsga2', 'tpe' or 'random', got 'bayes'"),
+    (
+        "optimizer.name",
+        "bayes",
+        "optimizer.name: expected one of 'cmaes', 'nsga2', 'tpe', 'gp' or 'random', got 'bayes'",
+    ),
     ("optimiser", {"name": "tpe"}, "optimiser: unknown key; expected one of: models, merge, objectives, genome,"),
     ("genome.granularity", 2, "genome.granularity: unknown key; expected one of: params, bounds, layer_granularity,"),
     ("merge.method", "frankenmerge", "merge.method: expected one of breadcrumbs, breadcrumbs_ties, dare_linear,"),
@@ -150,7 +154,7 @@ HOSTILE = [
         [{"task": "toy_srt_search", "metric": "acc"}],
         "held_out.tasks[0].task: expected a task the search never sees, got objective 'toy_srt_search'",
     ),
-    ("budget", {"trials": None}, "budget.trials: expected a trial count or a wall_time, got neither"),
+    ("budget", {"trials": None}, "budget.trials: expected a trial count, a wall_time or item_evals, got none"),
     (
         "budget.wall_time",
         "soon",

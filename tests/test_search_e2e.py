@@ -51,6 +51,16 @@ def study_states(run_dir: Path) -> dict[int, str]:
         return dict(db.execute("select number, state from trials"))
 
 
+def trial_items(run_dir: Path) -> dict[int, int]:
+    """The items user attr (a trial's cost) of every trial that has one, read from optuna.db with plain sqlite."""
+    with sqlite3.connect(run_dir / "optuna.db") as db:
+        rows = db.execute(
+            "select t.number, a.value_json from trials t join trial_user_attributes a on a.trial_id = t.trial_id "
+            "where a.key = 'items'"
+        )
+        return {number: json.loads(value) for number, value in rows}
+
+
 @pytest.fixture(scope="module")
 def cmaes_run(toy_family, tmp_path_factory):
     config = write_config(tmp_path_factory.mktemp("cmaes") / "search.yml", toy_family)
@@ -69,12 +79,21 @@ def test_cmaes_search_completes_and_reports(cmaes_run):
     names = {p.name for p in summary.parents} | {b.name for b in summary.baselines}
     assert {"base", "srt", "rev", "cae", "ties d=0.5 w=1", "task arithmetic λ=1"} <= names
     assert any(name.startswith("task arithmetic λ=") and "tuned" in name for name in names)
+    assert any(name.startswith("ties d=") and "tuned" in name for name in names)
+    assert any(name.startswith("dare-ties d=") and "tuned" in name for name in names)
     for entry in [*summary.parents, *summary.baselines]:
         assert 0.0 <= entry.heldout["average"] <= 1.0
     assert summary.best.vs_parent is not None and summary.best.vs_parent.low <= summary.best.vs_parent.high
-    assert (run_dir / "best.yml").read_text().startswith("# evolved by evomerge")
+    # best.yml holds what the gate chose: the evolved winner if it beat the references on the search split
+    gate, best = summary.gate, (run_dir / "best.yml").read_text()
+    references = {entry.name: entry.recipe for entry in [*summary.parents, *summary.baselines]}
+    evolved = (run_dir / summary.best.recipe).read_text()
+    assert (gate.chosen == f"evolved #{summary.best.trial}") if gate.passed else (gate.chosen in references)
+    assert Recipe.from_yaml(best) == Recipe.from_yaml(evolved if gate.passed else references[gate.chosen])
+    assert best.startswith("# evolved by evomerge" if gate.passed else f"# not evolved: {gate.chosen}, because")
     report = (run_dir / "report.md").read_text()
     assert "task arithmetic λ=1" in report and f"evolved #{summary.best.trial}" in report
+    assert "best parent per task" in report and f"gate {'passed' if gate.passed else 'failed'}: " in report
 
     tracking = json.loads((run_dir / "tracking.json").read_text())
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
@@ -88,8 +107,8 @@ def test_export_reproduces_the_scored_candidate_with_mergekit(cmaes_run, tmp_pat
     config, summary = cmaes_run
     run_dir = config.parent / "run"
     out_file = tmp_path / "best.yml"
-    assert main(["export", str(run_dir), "--out", str(out_file)]) == 0
-    assert out_file.read_text() == export_recipe(run_dir)
+    assert main(["export", str(run_dir), "--evolved", "--out", str(out_file)]) == 0
+    assert out_file.read_text() == export_recipe(run_dir, evolved=True)
     scored = Recipe.from_yaml(run_dir / summary.best.recipe)
     assert Recipe.from_yaml(out_file) == scored
     merged_dir = tmp_path / "merged"
@@ -116,8 +135,9 @@ def test_export_rank_and_objective_choices(cmaes_run):
             "where t.state = 'COMPLETE' order by v.value desc, t.number limit 1"
         ).fetchone()
     best_recipe = Recipe.from_yaml((run_dir / "recipes" / f"trial-{best}.yml").read_text())
+    assert export_recipe(run_dir) == (run_dir / "best.yml").read_text()  # the gate's choice, whichever it was
     for exported in (
-        export_recipe(run_dir),
+        export_recipe(run_dir, evolved=True),
         export_recipe(run_dir, rank=1),
         export_recipe(run_dir, objective="toy_search"),
     ):
@@ -198,8 +218,31 @@ def test_resume_after_sigkill_loses_and_repeats_nothing(toy_family, tmp_path):
     assert all(after[n] == "COMPLETE" for n in before)  # nothing finished was lost
     summary = read_summary(RunDir.open(run_dir))
     assert summary.trials.complete + summary.trials.failed == 8  # the budget counts the first session's trials
+    items = trial_items(run_dir)
+    assert all(items[n] == 40 * len(toy_family.children) for n in before)  # the first session's costs were kept
+    assert summary.trials.items == sum(items.values())  # every finished trial's cost, from both sessions
     assert json.loads((run_dir / "tracking.json").read_text())["parent_run_id"] == parent
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     trial_tags = [r.data.tags["evomerge.trial"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert len(trial_tags) == len(set(trial_tags))  # no trial logged twice
+
+
+def test_resume_logs_a_finished_trial_mlflow_never_saw(cmaes_run):
+    """A kill between the study's record of a trial and its MLflow child run: resuming logs it from the study."""
+    config, _ = cmaes_run
+    run_dir = config.parent / "run"
+    state = json.loads((run_dir / "tracking.json").read_text())
+    client = mlflow.MlflowClient(state["tracking_uri"])
+    lost = next(r for r in client.search_runs([state["experiment_id"]]) if r.data.tags.get("evomerge.trial") == "1")
+    client.delete_run(lost.info.run_id)  # as if the kill came before it was created
+
+    assert main(["run", str(config), "--resume"]) == 0
+    runs = client.search_runs([state["experiment_id"]], "tags.`evomerge.trial` = '1'")
+    with sqlite3.connect(run_dir / "optuna.db") as db:
+        (value,) = db.execute(
+            "select v.value from trials t join trial_values v on v.trial_id = t.trial_id where t.number = 1"
+        ).fetchone()
+    assert len(runs) == 1 and runs[0].info.run_id != lost.info.run_id
+    assert runs[0].data.metrics["toy_search"] == value and runs[0].data.tags["evomerge.status"] == "complete"
+    assert runs[0].data.metrics["items"] == trial_items(run_dir)[1]

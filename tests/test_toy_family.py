@@ -1,7 +1,9 @@
 """The toy family: real checkpoints, skills the children really learned, clean splits, lm-eval parity."""
 
 import json
+import multiprocessing
 import random
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -9,11 +11,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluators.toy_family import SIZES, SKILLS, build_family, exact_match
 from evaluators.toy_family.build import FamilySize
+from evaluators.toy_family.children import _relay
 from evaluators.toy_family.skills import Skill
 from evaluators.toy_family.splits import make_splits, training_stream
 from evaluators.toy_family.tasks import read_items
 from evaluators.toy_family.tokenizer import EOS_ID, build_tokenizer, encode
-from evaluators.toy_family.training import Architecture, TrainRecipe
+from evaluators.toy_family.training import Architecture, TrainRecipe, silent
 from merge_core.errors import InputError
 
 # A family small enough to build twice in a couple of seconds: for determinism, caching and placement.
@@ -131,6 +134,41 @@ def test_same_seed_same_family_and_the_cache_is_reused(tmp_path, tiny_size):
     assert again.root == first.root and again.manifest == first.manifest
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted([first.root.name, other_seed.root.name])
     assert "srt/search" in str(first) and str(first.root) in str(first)
+
+
+def test_children_trained_in_worker_processes_are_byte_identical_to_serial_ones(tmp_path, tiny_size):
+    skills = ["rev", "srt"]
+    serial = build_family(size=tiny_size, skills=skills, cache_dir=tmp_path / "serial", workers=1)
+    calls = []
+    parallel = build_family(
+        size=tiny_size,
+        skills=skills,
+        cache_dir=tmp_path / "parallel",
+        workers=2,
+        on_progress=lambda *c: calls.append(c),
+    )
+    assert (serial.manifest["workers"], parallel.manifest["workers"]) == (1, 2)
+    assert parallel.manifest["key"] == serial.manifest["key"]  # how it was built is not a parameter of the family
+    weights = [
+        {m: (f.root / m / "model.safetensors").read_bytes() for m in ["base", *skills]} for f in (serial, parallel)
+    ]
+    assert weights[0] == weights[1]
+    assert parallel.manifest["scores"] == serial.manifest["scores"]
+    assert parallel.manifest["final_loss"] == serial.manifest["final_loss"]
+    # Every worker step reaches on_progress in this process, in order, the children listed in skill order.
+    stages = ["training base", "training rev", "training srt", "scoring"]
+    assert list(dict.fromkeys(stage for stage, _, _ in calls)) == stages
+    every_step = [(done, TINY.child.steps) for done in range(1, TINY.child.steps + 1)]
+    for stage in ("training rev", "training srt"):
+        assert [(done, total) for s, done, total in calls if s == stage] == every_step
+
+
+def test_a_failed_worker_raises_instead_of_leaving_the_build_waiting():
+    failed = Future()
+    failed.set_exception(KeyError("nope"))
+    steps = multiprocessing.get_context("spawn").Queue()  # no step will ever come
+    with pytest.raises(KeyError, match="nope"):
+        _relay(steps, {"rev": failed}, TINY.child.steps, silent)
 
 
 def test_out_dir_gets_a_self_contained_copy(tmp_path, tiny_size):

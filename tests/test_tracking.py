@@ -129,7 +129,9 @@ def test_resume_continues_the_same_parent_without_duplicating_trials(tracking_ur
     first = Tracker(tracking_uri, "resume", run_dir / "tracking.json")
     parent_id = first.start("toy-search", CONFIG)
     log_trials(first, range(5))
-    first.log_trial_heldout(1, {"average": 0.5})  # held-out scores are no search scores: not in trial_scores
+    # Held-out and selection scores are no search scores: not in trial_scores.
+    first.log_trial_split(1, "heldout", {"average": 0.5})
+    first.log_trial_split(1, "selection", {"arith": 0.05})
     first.finish("failed")  # what the main loop records when the search is killed
 
     resumed = Tracker(tracking_uri, "resume", run_dir / "tracking.json")
@@ -153,7 +155,7 @@ def test_resume_continues_the_same_parent_without_duplicating_trials(tracking_ur
     assert sorted(resumed.trial_scores) == [0, 1, 2, 3, 4, 5]
     assert resumed.trial_scores[1] == pytest.approx(scores(1))
     assert resumed.trial_items == {0: 20, 1: 21, 2: 22, 4: 24, 5: 7}  # the failed trial 3 has no known count
-    assert trials[1].data.metrics["heldout/average"] == 0.5
+    assert trials[1].data.metrics["heldout/average"] == 0.5 and trials[1].data.metrics["selection/arith"] == 0.05
 
 
 def test_a_replay_with_other_genes_is_refused(tracking_uri, run_dir):

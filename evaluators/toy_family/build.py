@@ -5,7 +5,6 @@ A family is built in a temporary sibling directory and renamed into place, so an
 nothing half-written; the cache key covers every parameter that changes the weights or the splits.
 """
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -14,7 +13,7 @@ import random
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,25 +21,34 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
+from evaluators.toy_family.children import train_children, usable_cores, worker_pool
 from evaluators.toy_family.scoring import accuracy
 from evaluators.toy_family.skills import COPY, SKILLS, Skill
 from evaluators.toy_family.splits import make_splits, training_stream
 from evaluators.toy_family.tasks import SPLITS, read_items, task_name, write_tasks
 from evaluators.toy_family.tokenizer import BOS_ID, EOS_ID, PAD_ID, save_tokenizer
-from evaluators.toy_family.training import Architecture, TrainRecipe, new_model, silent, torch_threads, train
+from evaluators.toy_family.training import (
+    Architecture,
+    OnProgress,
+    TrainRecipe,
+    new_model,
+    silent,
+    torch_threads,
+    train,
+)
 from merge_core.errors import InputError
 
 # Bump when anything that changes built families (skills, data mix, training loop) changes: old caches go stale.
 FAMILY_FORMAT = 1
 DEFAULT_SKILLS = ("rev", "srt", "cae")
-# One thread: these models are too small to gain from two, and on a shared 2-core machine two threads
-# spinning at every OpenMP barrier made a training step 10x slower. A fixed count also keeps the float
-# reductions, hence the weights, identical from run to run.
+# A worker process costs ~5 s of CPU to start (importing torch and transformers; 10 s wall on a busy machine),
+# hidden while the base trains when it trains this long (20-70 ms a step): below it the children train here.
+MIN_BASE_STEPS_FOR_WORKERS = 1000
+# One thread per process: these models are too small to gain from two, and on a shared 2-core machine two
+# threads spinning at every OpenMP barrier made a training step 4-10x slower (experiments/RESULTS.md). A fixed
+# count also keeps the float reductions, hence the weights, identical from run to run. More cores go to the
+# children, one process each.
 THREADS = 1
-
-# on_progress(stage, done, total): "training base" 1200 of 3000 steps, say; a plain callable, so evaluators/ need
-# not know who displays it.
-OnProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -113,12 +121,16 @@ def build_family(
     split_seed: int = 1234,
     cache_dir: Path | None = None,
     on_progress: OnProgress = silent,
+    workers: int | None = None,
 ) -> Family:
     """The toy family for these parameters: from `out_dir` or the cache when built before, else trained now.
 
     With `out_dir` the family ends up there (copied from the cache); otherwise it lives in the cache.
-    A build reports each model's training steps, then the scoring, to `on_progress` (which is not a parameter
-    of the family: it stays out of the cache key).
+    A build reports each model's training steps, then the scoring, to `on_progress`. It trains the children in
+    `workers` processes (default: one per child as the cores allow, when the base trains long enough to hide
+    their start-up; 1: in this process, one after another). Workers are 'spawn' processes: a script that calls
+    this needs the usual `if __name__ == "__main__":` guard.
+    Neither is a parameter of the family: the weights are the same, and both stay out of the cache key.
     Raises ValueError with one line for an unknown size or skill, or an `out_dir` holding something else.
     """
     skills = _check_skills(skills)
@@ -140,9 +152,10 @@ def build_family(
     if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()):
         raise InputError(out_dir, None, "expected an empty directory or a toy family built with these parameters")
 
-    cached = Path(cache_dir or _default_cache_dir()).resolve() / key
+    cached = Path(cache_dir or default_cache_dir()).resolve() / key
     if not _holds_family(cached, key):
-        _place(cached, lambda tmp: _train_family(tmp, cached, params, key, on_progress))
+        workers = workers or default_workers(SIZES[size], len(skills))
+        _place(cached, lambda tmp: _train_family(tmp, cached, params, key, on_progress, workers))
     if out_dir is None:
         return load_family(cached)
     final = Path(out_dir).resolve()
@@ -160,7 +173,7 @@ def _check_skills(skills: Sequence[str]) -> tuple[str, ...]:
     return tuple(s for s in SKILLS if s in names)  # registry order: the same set gives the same family
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     root = os.environ.get("EVOMERGE_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "evomerge") / "toy-family"
 
@@ -197,22 +210,34 @@ def _copy_family(source: Path, tmp: Path, final: Path) -> None:
     write_tasks(tmp / "tasks", splits, final / "tasks")  # the task YAMLs name their data by absolute path
 
 
+def default_workers(size: FamilySize, children: int) -> int:
+    if size.base.steps < MIN_BASE_STEPS_FOR_WORKERS:
+        return 1
+    return min(children, usable_cores())
+
+
 def train_models(
-    size: FamilySize, skills: Sequence[str], seed: int, held_out: frozenset[str], on_progress: OnProgress = silent
+    size: FamilySize,
+    skills: Sequence[str],
+    seed: int,
+    held_out: frozenset[str],
+    on_progress: OnProgress = silent,
+    workers: int = 1,
 ) -> tuple[dict[str, LlamaForCausalLM], dict[str, list[float]], dict[str, float]]:
-    """The base and one child per skill, with each one's step losses and seconds (no files written)."""
-    started = time.perf_counter()
-    base = new_model(size.architecture, seed)
-    stream = training_stream(_base_mix(skills), held_out, random.Random(f"{seed}:base"))
-    losses = {"base": train(base, stream, size.base, partial(on_progress, "training base"))}
-    timings = {"base": time.perf_counter() - started}
-    models = {"base": base}
-    for skill in skills:
+    """The base and one child per skill, with each one's step losses and seconds (no files written).
+
+    The children train in `workers` processes (1: here, one after another), with the same weights either way.
+    """
+    with worker_pool(workers) as pool:  # started first: its processes import torch while the base trains
         started = time.perf_counter()
-        models[skill] = copy.deepcopy(base)
-        stream = training_stream([(SKILLS[skill], 1.0)], held_out, random.Random(f"{seed}:{skill}"))
-        losses[skill] = train(models[skill], stream, size.child, partial(on_progress, f"training {skill}"))
-        timings[skill] = time.perf_counter() - started
+        base = new_model(size.architecture, seed)
+        stream = training_stream(_base_mix(skills), held_out, random.Random(f"{seed}:base"))
+        losses = {"base": train(base, stream, size.base, partial(on_progress, "training base"))}
+        timings = {"base": time.perf_counter() - started}
+        children = train_children(pool, base, size.child, skills, seed, held_out, on_progress)
+    models = {"base": base}
+    for skill, (model, child_losses, seconds) in children.items():
+        models[skill], losses[skill], timings[skill] = model, child_losses, seconds
     return models, losses, timings
 
 
@@ -220,7 +245,7 @@ def _base_mix(skills: Sequence[str]) -> list[tuple[Skill, float]]:
     return [(COPY, COPY.base_share), *((SKILLS[s], SKILLS[s].base_share) for s in skills)]
 
 
-def _train_family(tmp: Path, final: Path, params: dict, key: str, on_progress: OnProgress) -> None:
+def _train_family(tmp: Path, final: Path, params: dict, key: str, on_progress: OnProgress, workers: int) -> None:
     size, skills = SIZES[params["size"]], params["skills"]
     splits = {
         s: make_splits(SKILLS[s], n_search=size.n_search, n_test=size.n_test, split_seed=params["split_seed"])
@@ -228,7 +253,7 @@ def _train_family(tmp: Path, final: Path, params: dict, key: str, on_progress: O
     }
     held_out = frozenset(p for by_split in splits.values() for items in by_split.values() for p, _ in items)
     with torch_threads(THREADS):
-        models, losses, timings = train_models(size, skills, params["seed"], held_out, on_progress)
+        models, losses, timings = train_models(size, skills, params["seed"], held_out, on_progress, workers)
         scores = {}
         for done, (name, model) in enumerate(models.items(), 1):
             scores[name] = {split: {s: accuracy(model, splits[s][split]) for s in skills} for split in SPLITS}
@@ -242,6 +267,7 @@ def _train_family(tmp: Path, final: Path, params: dict, key: str, on_progress: O
         "parameters": sum(p.numel() for p in models["base"].parameters()),
         "torch": torch.__version__,
         "timings_s": {name: round(t, 2) for name, t in timings.items()},
+        "workers": workers,  # children trained side by side: their timings overlap
         "final_loss": {name: round(sum(loss[-20:]) / len(loss[-20:]), 4) for name, loss in losses.items()},
         "scores": scores,
     }

@@ -87,6 +87,11 @@ def _lr_factor(step: int, recipe: TrainRecipe) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# on_progress(stage, done, total): "training base" 1200 of 3000 steps, say; a plain callable, so evaluators/ need
+# not know who displays it.
+OnProgress = Callable[[str, int, int], None]
+
+
 def silent(*_: object) -> None:
     """The default progress callback: report nothing."""
 

@@ -1,7 +1,8 @@
 """What a search checks before anything starts (no Ray, no run dir), and what each worker is told to load.
 
 Whatever can be wrong before the first trial is found here, as one InputError line: sources that do not fit
-together, tasks and metrics that do not resolve, a device this machine does not have.
+together, tasks and metrics that do not resolve, held-out tasks inside objective groups, objective tasks too
+small for their fitness and selection items, a device this machine does not have.
 """
 
 import os
@@ -16,6 +17,8 @@ from merge_core.sources import check_compatible, read_info
 from search.config import SearchConfig
 from search.execution.worker import WorkerSpec
 
+Sizes = dict[str, dict[str, int]]  # Evaluator.sizes(): spec task -> the tasks it resolves to -> their items
+
 
 @dataclass(frozen=True)
 class Preflight:
@@ -28,10 +31,41 @@ def preflight(config: SearchConfig) -> Preflight:
     infos = [read_info(ref) for ref in [config.models.base, *config.models.fine_tunes]]
     check_compatible(infos)
     names = list(infos[0].shapes)
-    Evaluator(config.eval_config(), config.objective_specs())
-    if config.held_out.tasks:
-        Evaluator(config.eval_config(), config.held_out_specs())
+    searched = Evaluator(config.eval_config(), config.objective_specs()).sizes()
+    held_out = Evaluator(config.eval_config(), config.held_out_specs()).sizes() if config.held_out.tasks else {}
+    check_held_out(config, searched, held_out)
+    if config.selection is not None:
+        check_selection(config, searched)
     return Preflight(tensor_names=names, num_layers=architecture.num_layers(names))
+
+
+def check_held_out(config: SearchConfig, searched: Sizes, held_out: Sizes) -> None:
+    """The config compares task names; this compares the tasks they resolve to, so a held-out task inside an
+    objective group (whose items the search and the selection split score) is refused too."""
+    objective_of = {task: objective for objective, members in searched.items() for task in members}
+    for index, (name, members) in enumerate(held_out.items()):
+        shared = next((task for task in members if task in objective_of), None)
+        if shared is not None:
+            raise InputError(
+                config.where,
+                f"held_out.tasks[{index}].task",
+                f"expected a task the search never sees, got {name!r} ({shared!r} is in objective "
+                f"{objective_of[shared]!r})",
+            )
+
+
+def check_selection(config: SearchConfig, searched: Sizes) -> None:
+    """Every objective task must hold its fitness items and, after them, its selection items."""
+    fitness, selection = config.fitness.limit, config.selection.limit
+    for members in searched.values():
+        for task, size in members.items():
+            if fitness + selection > size:
+                raise InputError(
+                    config.where,
+                    "selection.limit",
+                    f"expected fitness.limit + selection.limit <= the {size} items of {task!r}, "
+                    f"got {fitness} + {selection}",
+                )
 
 
 def check_device(config: SearchConfig) -> None:
@@ -55,6 +89,7 @@ def worker_spec(config: SearchConfig) -> WorkerSpec:
         eval_config=config.eval_config(),
         search_tasks=tuple(config.objective_specs()),
         heldout_tasks=tuple(config.held_out_specs()),
+        selection_tasks=tuple(config.selection_specs()),
         threads=max(1, (os.cpu_count() or 1) // config.execution.workers),
         trust_remote_code=config.trust_remote_code,
     )

@@ -9,7 +9,8 @@ import torch
 from evaluators import EvalConfig, Evaluator, TaskSpec
 from merge_core import InputError, MergeSession, Recipe
 
-SEARCH, HELDOUT = "search", "heldout"
+# The fitness items; the same tasks' next items (where the winner is chosen); tasks the search never sees.
+SEARCH, SELECTION, HELDOUT = "search", "selection", "heldout"
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class WorkerSpec:
     eval_config: EvalConfig
     search_tasks: tuple[TaskSpec, ...]
     heldout_tasks: tuple[TaskSpec, ...]
+    selection_tasks: tuple[TaskSpec, ...] = ()  # none: no selection split configured
     threads: int | None = None
     trust_remote_code: bool = False
 
@@ -27,7 +29,7 @@ class WorkerSpec:
 class Job:
     recipe_yaml: str
     seed: int
-    split: str = SEARCH  # SEARCH or HELDOUT
+    split: str = SEARCH  # SEARCH, SELECTION or HELDOUT
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class CandidateWorker:
         self.evaluators = {SEARCH: Evaluator(spec.eval_config, spec.search_tasks)}
         if spec.heldout_tasks:  # a search may have none: its report then compares nothing held out
             self.evaluators[HELDOUT] = Evaluator(spec.eval_config, spec.heldout_tasks)
+        if spec.selection_tasks:
+            self.evaluators[SELECTION] = Evaluator(spec.eval_config, spec.selection_tasks)
         if spec.eval_config.backend == "vllm":
             from evaluators.vllm_backend import vllm_lm
 

@@ -2,8 +2,9 @@
 
 Workers ask for a genome, evaluate it, and tell its objective values (None: the candidate failed). Every
 trial, whichever optimizer proposed it, is an Optuna trial in RUN_DIR/optuna.db: its genes as params, its
-values, state COMPLETE or FAIL, and user attrs. So the history and the Pareto front are one query away
-(`optuna.load_study(...).best_trials`), and a new process opening the same storage resumes the search:
+values, state COMPLETE or FAIL, and user attrs (ITEMS: the items it was scored on). So the history, the
+Pareto front and the cost are one query away (`optuna.load_study(...).best_trials`), and a new process
+opening the same storage resumes the search:
 finished trials stay finished and are never asked again; trials a killed process left RUNNING are marked
 FAIL (their numbers listed in the study's "interrupted" user attr, not counted as done) and their genomes
 re-queued, so they are evaluated again under new trial numbers.
@@ -27,6 +28,7 @@ from search.genome import Genome
 
 INTERRUPTED = "interrupted"  # study user attr: numbers of trials a killed process left running
 GENES = "genes"  # study user attr: the gene names, so a resume with another genome is refused
+ITEMS = "items"  # trial user attr: the items it was scored on (its cost), so a resumed budget counts them
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,14 @@ class Optimizer(ABC):
         interrupted = set(self.study.user_attrs.get(INTERRUPTED, []))
         finished = (TrialState.COMPLETE, TrialState.FAIL)
         return sum(t.state in finished and t.number not in interrupted for t in self.study.get_trials(deepcopy=False))
+
+    @property
+    def spent(self) -> dict[int, int]:
+        """Items each finished trial was scored on, by number: its ITEMS attr, 0 where it has none (a trial a
+        killed process interrupted, or one told without it). Trials in flight have spent nothing yet."""
+        finished = (TrialState.COMPLETE, TrialState.FAIL)
+        trials = self.study.get_trials(deepcopy=False, states=finished)
+        return {t.number: int(t.user_attrs.get(ITEMS, 0)) for t in trials}
 
     # --- shared plumbing ------------------------------------------------------------------------------
 

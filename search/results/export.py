@@ -1,4 +1,5 @@
-"""`evomerge export`: a front member of a finished search as mergekit YAML that `mergekit-yaml` reproduces."""
+"""`evomerge export`: best.yml's recipe, or a front member of a finished search, as mergekit YAML that
+`mergekit-yaml` reproduces."""
 
 from pathlib import Path
 
@@ -6,21 +7,43 @@ import yaml
 
 from merge_core import Recipe
 from merge_core.errors import InputError
-from search.results.summary import FrontMember, read_summary
+from search.results.summary import FrontMember, RunSummary, read_summary
 from search.run_dir import RunDir
 
 
-def export_text(recipe_yaml: str, seed: int) -> str:
-    """The recipe with a header saying how to reproduce it (the seed matters for DARE/DELLA)."""
+def export_text(recipe_yaml: str, seed: int, about: str = "evolved by evomerge") -> str:
+    """The recipe under a header: what it is (`about`, one comment line per line) and how to reproduce it (the
+    seed matters for DARE/DELLA)."""
     recipe = Recipe.from_yaml(recipe_yaml)
     if recipe.method.random:
         how = f"# reproduce: mergekit-yaml THIS_FILE OUT_DIR --random-seed {seed}  (on CPU; evomerge merge --seed {seed})\n"
     else:
         how = "# reproduce: mergekit-yaml THIS_FILE OUT_DIR  (or evomerge merge THIS_FILE OUT_DIR)\n"
-    return f"# evolved by evomerge\n{how}{recipe.to_yaml()}"
+    header = "".join(f"# {line}\n" for line in about.splitlines())
+    return f"{header}{how}{recipe.to_yaml()}"
 
 
-def choose(run: RunDir, front: list[FrontMember], config: dict, objective: str | None, rank: int | None) -> FrontMember:
+def best_text(run: RunDir, summary: RunSummary, seed: int) -> str:
+    """best.yml: the recommended evolved recipe, or the parent / tuned baseline the gate chose instead of it."""
+    gate = summary.gate
+    if gate is None or gate.passed:
+        return export_text(run.read_text(run.path / summary.best.recipe), seed)
+    references = {entry.name: entry.recipe for entry in [*summary.parents, *summary.baselines] if entry.recipe}
+    if gate.chosen not in references:
+        raise InputError(
+            run.summary, "gate.chosen", f"expected a parent or baseline with a recipe, got {gate.chosen!r}"
+        )
+    about = (
+        f"not evolved: {gate.chosen}, because {gate.reason}\n"
+        "`evomerge export RUN_DIR --evolved` writes the evolved recipe instead"
+    )
+    return export_text(references[gate.chosen], seed, about)
+
+
+def choose(run: RunDir, summary: RunSummary, config: dict, objective: str | None, rank: int | None) -> FrontMember:
+    """The front member of best `objective` score, or of `rank`; neither: the recommended evolved recipe (a
+    selection split may have picked it off the front)."""
+    front = summary.front
     if objective is not None:
         directions = {o["task"]: o["direction"] for o in config["objectives"]}
         if objective not in directions:
@@ -31,15 +54,19 @@ def choose(run: RunDir, front: list[FrontMember], config: dict, objective: str |
         if not 1 <= rank <= len(front):
             raise InputError(run.path, "--rank", f"expected 1 to {len(front)} (the front's size), got {rank}")
         return front[rank - 1]
-    return front[0]
+    return summary.best
 
 
-def export_recipe(run_dir: Path, objective: str | None = None, rank: int | None = None) -> str:
-    """The front member asked for (default: the best, as summary.json ranks the front) as mergekit YAML."""
+def export_recipe(run_dir: Path, objective: str | None = None, rank: int | None = None, evolved: bool = False) -> str:
+    """The front member asked for as mergekit YAML; asked for none, what best.yml holds: the best evolved recipe
+    (summary.json's best), or the reference the gate chose when that one did not beat it.
+    `evolved`: the best evolved recipe whatever the gate said."""
     run = RunDir.open(run_dir)
     summary = read_summary(run)
     if not summary.front:
         raise InputError(run.summary, "front", "the search has no complete trial to export")
     config = yaml.safe_load(run.read_text(run.resolved_config))
-    member = choose(run, summary.front, config, objective, rank)
+    if objective is None and rank is None and not evolved:
+        return best_text(run, summary, config["seed"])
+    member = choose(run, summary, config, objective, rank)
     return export_text(run.read_text(run.path / member.recipe), config["seed"])

@@ -10,8 +10,11 @@ Choices, stated once:
 - The "average" row is the macro average (mean of the task scores). Its per-item vector concatenates the
   tasks with each item weighted by N / (T * n_task), so the vector's mean is exactly the macro average and
   item i still means the same item for every entry: the bootstrap stays paired.
-- Which evolved entry is "best" is the caller's choice, and it should be made on SEARCH scores: choosing it on
-  held-out scores would bias the very comparison this module reports.
+- Which evolved entry is "best" is the caller's choice, and it should be made on search or selection scores:
+  choosing it on held-out scores would bias the very comparison this module reports.
+- The ceiling row is each task's specialist: the parent best on that task, chosen on these held-out items (a
+  ceiling is what is possible, not a fair competitor, so no evolved row is compared with it). On one task it
+  is just the best parent, so it needs two or more.
 """
 
 from collections.abc import Mapping, Sequence
@@ -23,8 +26,9 @@ import numpy as np
 
 from search.results.statistics import PairedDiff, paired_bootstrap
 
-Kind = Literal["parent", "baseline", "evolved"]
+Kind = Literal["parent", "baseline", "evolved", "ceiling"]
 AVERAGE = "average"
+CEILING = "best parent per task"
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,29 @@ def heldout_comparison(
     return rows
 
 
+def ceiling(entries: Sequence[HeldoutEntry]) -> HeldoutEntry | None:
+    """Each task's best parent's item vector (ties: the parent given first); None below two tasks, or no parent."""
+    parents = [entry for entry in entries if entry.kind == "parent"]
+    tasks = list(parents[0].scores) if parents else []
+    if len(tasks) < 2:
+        return None
+    best = {task: max(parents, key=lambda entry: float(np.mean(entry.scores[task]))) for task in tasks}
+    return HeldoutEntry(CEILING, "ceiling", {task: best[task].scores[task] for task in tasks})
+
+
+def ceiling_share(rows: Sequence[HeldoutRow], entry: str) -> float | None:
+    """How much of the gap from the best parent to the ceiling `entry` closes, on AVERAGE: 1 = all of it,
+    0 = none, below 0 = worse than the best parent. None without a ceiling, or when one parent is best on
+    every task (no gap to close)."""
+    average = {row.entry: row for row in rows if row.task == AVERAGE}
+    top = average.get(CEILING)
+    parent = max((row.score for row in average.values() if row.kind == "parent"), default=None)
+    # The ceiling is made of parents' vectors: with no gap it equals the best parent up to float summation.
+    if top is None or parent is None or entry not in average or abs(top.score - parent) < 1e-12:
+        return None
+    return (average[entry].score - parent) / (top.score - parent)
+
+
 def heldout_scores(rows: Sequence[HeldoutRow]) -> dict[str, dict[str, float]]:
     """entry -> task -> held-out score (AVERAGE included), the shape summary.json stores."""
     scores: dict[str, dict[str, float]] = {}
@@ -143,6 +170,16 @@ def _diff_cell(reference: str | None, diff: PairedDiff | None) -> str:
         return ""
     marker = " *" if diff.excludes_zero else ""
     return f"{diff.mean_diff:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}] {reference}{marker}"
+
+
+def aligned(lines: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells (the first a header) as plain text, each column as wide as its widest cell; an empty row
+    stays a blank line."""
+    widths = [max(len(line[i]) for line in lines if line) for i in range(len(lines[0]))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() if line else ""
+        for line in lines
+    ]
 
 
 def format_table(rows: Sequence[HeldoutRow]) -> str:
@@ -164,16 +201,16 @@ def format_table(rows: Sequence[HeldoutRow]) -> str:
                 _diff_cell(row.best_baseline, row.vs_baseline),
             ]
         )
-    widths = [max(len(line[i]) for line in lines if line) for i in range(len(header))]
-    text = [
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() if line else ""
-        for line in lines
-    ]
+    text = aligned(lines)
     diffs = [row.vs_parent or row.vs_baseline for row in rows if row.vs_parent or row.vs_baseline]
     if diffs:
+        has_ceiling = any(row.kind == "ceiling" for row in rows)
+        ceiling_note = (
+            f"; {CEILING} = the ceiling, each task's best parent picked on these items" if has_ceiling else ""
+        )
         text.append("")
         text.append(
             f"vs: evolved minus the strongest parent/baseline on that row [{diffs[0].confidence:.0%} paired bootstrap "
-            f"CI over items]; * = the CI excludes 0; {AVERAGE} = mean of the task scores."
+            f"CI over items]; * = the CI excludes 0; {AVERAGE} = mean of the task scores{ceiling_note}."
         )
     return "\n".join(text)

@@ -34,9 +34,11 @@ TRIAL_TAG = "evomerge.trial"  # how a resumed search finds a trial's child run a
 STATUS_TAG = "evomerge.status"
 ERROR_TAG = "evomerge.error"
 RESUMES_TAG = "evomerge.resumes"
+GATE_TAG = "evomerge.gate"  # 'passed: ...' or 'failed: ...' (filter with LIKE 'failed%')
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
 COST_METRICS = ("merge_s", "eval_s", "items")  # what a trial cost, beside its scores
 HELDOUT_PREFIX = "heldout/"
+SPLIT_PREFIXES = (HELDOUT_PREFIX, "selection/")  # a trial's metrics from after the search: not its search scores
 RUN_STATUS = {"complete": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 VERSIONED_PACKAGES = ("evomerge", "torch", "transformers", "lm_eval", "mergekit", "mlflow")
 # MLflow's per-call limits: params and tags 100 each, 1000 entities in all.
@@ -194,7 +196,7 @@ class Tracker:
                     self.trial_items[trial] = int(metrics["items"])
                 if run.data.tags.get(STATUS_TAG) == "complete":
                     self.trial_scores[trial] = {
-                        k: v for k, v in metrics.items() if k not in COST_METRICS and not k.startswith(HELDOUT_PREFIX)
+                        k: v for k, v in metrics.items() if k not in COST_METRICS and not k.startswith(SPLIT_PREFIXES)
                     }
             token = page.token
             if not token:
@@ -237,6 +239,10 @@ class Tracker:
         self.client.set_terminated(self._parent(), RUN_STATUS[status])
 
     # -- trials ---------------------------------------------------------------------------------------------
+    def has_trial(self, number: int) -> bool:
+        """Whether trial `number` has its child run (this session's or, resumed, an earlier one's)."""
+        return number in self._children
+
     def log_trial(
         self,
         number: int,
@@ -299,12 +305,15 @@ class Tracker:
             self.trial_items[number] = items
         return run_id
 
-    def log_trial_heldout(self, number: int, scores: Mapping[str, float]) -> None:
-        """A front member's held-out scores on its own child run, as heldout/<task> metrics."""
+    def log_trial_split(self, number: int, split: str, scores: Mapping[str, float]) -> None:
+        """A trial's scores on a split after the search (heldout, selection) on its own child run, as
+        <split>/<task> metrics."""
+        if f"{split}/" not in SPLIT_PREFIXES:
+            raise ValueError(f"log_trial_split: split: expected one of {SPLIT_PREFIXES}, got {split!r}")
         run_id = self._children.get(number)
         if run_id is None:
-            raise ValueError(f"log_trial_heldout: trial {number} has no child run; log_trial it first")
-        self._log_batch(run_id, metrics={f"{HELDOUT_PREFIX}{task}": value for task, value in scores.items()})
+            raise ValueError(f"log_trial_split: trial {number} has no child run; log_trial it first")
+        self._log_batch(run_id, metrics={f"{split}/{task}": value for task, value in scores.items()})
 
     def _delete_tag(self, run_id: str, key: str) -> None:
         try:
@@ -347,6 +356,10 @@ class Tracker:
     def log_best(self, best_file: Path) -> None:
         """The recommended recipe (best.yml) on the parent, where a reviewer looks for the result."""
         self.client.log_artifact(self._parent(), str(best_file))
+
+    def log_gate(self, passed: bool, reason: str) -> None:
+        """Whether the recommended evolved recipe beat the best parent and the best tuned baseline, on the parent."""
+        self._log_batch(self._parent(), tags={GATE_TAG: f"{'passed' if passed else 'failed'}: {reason}"})
 
     def log_heldout(self, rows: Sequence[HeldoutRow]) -> None:
         """The held-out comparison: heldout.csv, the terminal table as heldout.txt, and scores as metrics."""
