@@ -81,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     sizes, worker_counts = args.sizes.split(","), [int(w) for w in args.workers.split(",")]
     print(f"torch {torch.__version__}, {THREADS} thread(s) per process, skills {','.join(DEFAULT_SKILLS)}, seed 0")
-    print("run  size  params workers  total s  base s  rest s  /serial  same/serial  same/cache")
+    if args.repeats:
+        print("run  size  params workers  total s  base s  rest s  /serial  same/serial  same/cache")
     for run in range(1, args.repeats + 1):
         for size in sizes:
             bench_builds(size, worker_counts, run)

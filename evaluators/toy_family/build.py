@@ -44,8 +44,8 @@ DEFAULT_SKILLS = ("rev", "srt", "cae")
 # A worker process costs ~5 s of CPU to start (importing torch and transformers; 10 s wall on a busy machine),
 # hidden while the base trains when it trains this long (20-70 ms a step): below it the children train here.
 MIN_BASE_STEPS_FOR_WORKERS = 1000
-# One thread per process: these models are too small to gain from two, and on a shared 2-core machine two
-# threads spinning at every OpenMP barrier made a training step 4-10x slower (experiments/RESULTS.md). A fixed
+# One thread per process: these models gain from two only on an idle machine (1.4x), and on a shared 2-core
+# machine two threads spinning at every OpenMP barrier made a training step 2-18x slower (RESULTS.md). A fixed
 # count also keeps the float reductions, hence the weights, identical from run to run. More cores go to the
 # children, one process each.
 THREADS = 1
