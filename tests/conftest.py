@@ -76,3 +76,9 @@ def tiny_family(tmp_path_factory):
 def tiny_tied_family(tmp_path_factory):
     """The same shape of family with tied embeddings (checkpoints hold no lm_head.weight)."""
     return make_tiny_family(tmp_path_factory.mktemp("tiny_tied"), tie_embeddings=True, children=2, layers=3)
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    """A sqlite MLflow store shared by a test module (creating one costs ~5 s); tests use their own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"

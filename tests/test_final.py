@@ -58,11 +58,6 @@ def fake_evaluate(search_scores: dict[str, float], calls: list):
     return evaluate
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"  # created once: ~5 s each
-
-
 @pytest.fixture
 def setup(tmp_path, tracking_uri, request):
     """A config, a run directory with two trials' recipes, and a started tracker; `final(scores)` builds the step."""

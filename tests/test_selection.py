@@ -157,11 +157,6 @@ def fake_evaluate(scores: dict[str, dict[str, float]], calls: list):
     return evaluate
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"  # created once: ~5 s each
-
-
 @pytest.fixture
 def final(tmp_path, tracking_uri, request):
     """A FinalComparison over two logged trials (search scores 0.8 and 0.7: only trial 0 is on the front)."""

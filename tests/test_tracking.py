@@ -22,11 +22,6 @@ OBJECTIVES, DIRECTIONS = ["arith", "copy"], ["maximize", "maximize"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def tracking_uri(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     return tmp_path / "run"
