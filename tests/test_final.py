@@ -58,6 +58,19 @@ def fake_evaluate(search_scores: dict[str, float], calls: list):
     return evaluate
 
 
+def two_logged_trials(config: SearchConfig, tracking_uri: str, experiment: str) -> tuple[RunDir, Tracker]:
+    """A run directory with the config and two TIES trials (densities 0.42, 0.61) logged to a started tracker."""
+    run = RunDir.create(config.output_dir, "search.yml")
+    run.write_text(run.resolved_config, yaml.safe_dump(config.model_dump(mode="json")))
+    tracker = Tracker(tracking_uri, experiment, run.tracking)
+    tracker.start("run", config.model_dump(mode="json"))
+    for number, density in enumerate((0.42, 0.61)):
+        recipe_yaml = baselines.task_vectors("ties", BASE, CHILDREN, density=density).to_yaml()
+        run.write_text(run.trial_recipe(number), recipe_yaml)
+        tracker.log_trial(number, {"density": density}, recipe_yaml, {"toy_search": 0.0}, "complete", 0.0, 0.0)
+    return run, tracker
+
+
 @pytest.fixture
 def setup(tmp_path, tracking_uri, request):
     """A config, a run directory with two trials' recipes, and a started tracker; `final(scores)` builds the step."""
@@ -72,14 +85,7 @@ def setup(tmp_path, tracking_uri, request):
             "seed": 5,
         }
     )
-    run = RunDir.create(config.output_dir, "search.yml")
-    run.write_text(run.resolved_config, yaml.safe_dump(config.model_dump(mode="json")))
-    tracker = Tracker(tracking_uri, request.node.name, run.tracking)
-    tracker.start("run", config.model_dump(mode="json"))
-    for number, density in enumerate((0.42, 0.61)):
-        recipe_yaml = baselines.task_vectors("ties", BASE, CHILDREN, density=density).to_yaml()
-        run.write_text(run.trial_recipe(number), recipe_yaml)
-        tracker.log_trial(number, {"density": density}, recipe_yaml, {"toy_search": 0.0}, "complete", 0.0, 0.0)
+    run, tracker = two_logged_trials(config, tracking_uri, request.node.name)
     said: list[str] = []
     calls: list = []
 

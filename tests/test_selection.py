@@ -8,8 +8,8 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
+from test_final import BASE, CHILDREN, two_logged_trials
 from test_search_e2e import write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,8 +25,6 @@ from search.results.export import export_recipe
 from search.results.final import FinalComparison
 from search.results.front import Front
 from search.results.summary import Gate, read_summary
-from search.results.tracking import Tracker
-from search.run_dir import RunDir
 from search.runner import run_search
 
 # What TaskSpec(task="toy_rev_search", limit=20) scored with subset seed 1234 before TaskSpec had an offset.
@@ -141,7 +139,6 @@ def test_preflight_refuses_tasks_too_small_and_held_out_tasks_inside_an_objectiv
 BASE, CHILDREN = "toy/base", ["toy/rev", "toy/srt"]
 TIES = "ties d=0.5 λ=1 (tuned on search)"  # the TIES point the search scores below make the tuned one
 SEARCH_SCORES = {"srt": 0.3, "ties d=0.5 λ=1": 0.6}  # on the search split trial 0 (0.8) would beat both
-HELD_OUT_ITEMS = {"t_rev": [1.0, 0.0, 0.0, 1.0]}
 
 
 def fake_evaluate(scores: dict[str, dict[str, float]], calls: list):
@@ -170,14 +167,7 @@ def final(tmp_path, tracking_uri, request):
             "output_dir": str(tmp_path / "run"),
         }
     )
-    run = RunDir.create(config.output_dir, "search.yml")
-    run.write_text(run.resolved_config, yaml.safe_dump(config.model_dump(mode="json")))
-    tracker = Tracker(tracking_uri, request.node.name, run.tracking)
-    tracker.start("run", config.model_dump(mode="json"))
-    for number, density in enumerate((0.42, 0.61)):
-        recipe_yaml = baselines.task_vectors("ties", BASE, CHILDREN, density=density).to_yaml()
-        run.write_text(run.trial_recipe(number), recipe_yaml)
-        tracker.log_trial(number, {"density": density}, recipe_yaml, {"toy_search": 0.0}, "complete", 0.0, 0.0)
+    run, tracker = two_logged_trials(config, tracking_uri, request.node.name)
     calls: list = []
 
     def finish(selection_scores: dict[str, float]):
