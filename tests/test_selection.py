@@ -136,9 +136,9 @@ def test_preflight_refuses_tasks_too_small_and_held_out_tasks_inside_an_objectiv
 
 
 # -- the final comparison on a fake evaluate --------------------------------------------------------------------
-BASE, CHILDREN = "toy/base", ["toy/rev", "toy/srt"]
 TIES = "ties d=0.5 λ=1 (tuned on search)"  # the TIES point the search scores below make the tuned one
 SEARCH_SCORES = {"srt": 0.3, "ties d=0.5 λ=1": 0.6}  # on the search split trial 0 (0.8) would beat both
+HELD_OUT_ITEMS = {"t_rev": [1.0, 0.0, 0.0, 1.0]}
 
 
 def fake_evaluate(scores: dict[str, dict[str, float]], calls: list):
