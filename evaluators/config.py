@@ -27,6 +27,9 @@ class TaskSpec(_Strict):
     # Items of that seeded order to skip first: a spec with offset N never shares an item with the spec of
     # limit N (the search's fitness items), e.g. for a selection split on the same task.
     offset: NonNegativeInt = 0
+    # Positions [start, stop) of those items in a second seeded order, for fitness rungs: the parts [0, a),
+    # [a, b), ... are disjoint and a cheap rung's items are the first of every larger rung's. None: all of them.
+    part: tuple[NonNegativeInt, PositiveInt] | None = None
     # None: the task's own setting (0 when the task has none).
     num_fewshot: NonNegativeInt | None = None
 

@@ -22,6 +22,7 @@ import datasets.config
 import huggingface_hub.constants
 import torch
 from lm_eval.api.group import Group
+from lm_eval.api.metrics import mean, nanmean
 from lm_eval.api.model import LM
 from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
@@ -102,6 +103,17 @@ def _subset(n_docs: int, spec: TaskSpec, rng: random.Random) -> list[int]:
     skipped = set(rng.sample(range(n_docs), spec.offset))
     rest = [i for i in range(n_docs) if i not in skipped]
     return sorted(rng.sample(rest, len(rest) if spec.limit is None else min(spec.limit, len(rest))))
+
+
+def _part(item_ids: list[int], part: tuple[int, int], rng: random.Random, where: str) -> list[int]:
+    """Positions [start, stop) of the items in one seeded shuffle, in index order: parts that tile [0, n) are
+    disjoint, and the first k parts are the first items of the shuffle whatever comes after them."""
+    start, stop = part
+    if not start < stop <= len(item_ids):
+        raise InputError(where, "part", f"expected start < stop <= the {len(item_ids)} items, got {start}..{stop}")
+    order = list(item_ids)
+    rng.shuffle(order)
+    return sorted(order[start:stop])
 
 
 @dataclass
@@ -275,14 +287,25 @@ class Evaluator:
         if spec.offset >= n_docs:
             raise InputError(where, "offset", f"expected fewer than the task's {n_docs} items, got {spec.offset}")
         # The task name in the seed: a group's equally sized members do not all get the same indices.
-        rng = random.Random(f"{self.config.subset_seed}:{task.task_name}")
+        seed = f"{self.config.subset_seed}:{task.task_name}"
+        item_ids = _subset(n_docs, spec, random.Random(seed))
+        aggregate = task.aggregation()[metric]
+        if spec.part is not None:
+            if aggregate not in (mean, nanmean):
+                raise InputError(
+                    where,
+                    "metric",
+                    f"expected a metric averaged over items (fitness rungs score parts of them), got {metric} "
+                    f"aggregated by {getattr(aggregate, '__name__', aggregate)}",
+                )
+            item_ids = _part(item_ids, spec.part, random.Random(f"{seed}:parts"), where)
         return _BoundTask(
             task=task,
             metric=metric,
             filter_name=filter_name,
             higher_is_better=declared[metric] if spec.higher_is_better is None else spec.higher_is_better,
-            item_ids=_subset(n_docs, spec, rng),
-            aggregate=task.aggregation()[metric],
+            item_ids=item_ids,
+            aggregate=aggregate,
         )
 
     def _build_requests(self, lm: LM) -> None:

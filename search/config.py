@@ -157,8 +157,28 @@ class TaskConfig(Section):
 
 
 class FitnessConfig(Section):
-    limit: int | None = Field(None, ge=1)  # items per task; None: every item
+    """Which items score a candidate. With `rungs`, asynchronous successive halving: a candidate is scored on
+    the first rung's items, and goes on to the next rung's only while it ranks in the best `promote` share of
+    all candidates scored at its rung so far; each rung's items hold the previous rung's, so going on costs
+    only the new items."""
+
+    limit: int | None = Field(None, ge=1)  # items per task; None: every item (with rungs: the last rung)
     subset_seed: int = 1234  # fixed, so every candidate is scored on the same items
+    rungs: list[int] | None = None  # items per task at each fidelity, increasing; None: one rung of `limit`
+    promote: float = Field(1 / 3, gt=0, lt=1)  # the share of a rung's candidates that go on to the next
+
+    @model_validator(mode="after")
+    def _rungs_nest(self) -> Self:
+        rungs = self.rungs
+        if rungs is None:
+            return self
+        if len(rungs) < 2 or rungs[0] < 1 or any(a >= b for a, b in zip(rungs, rungs[1:], strict=False)):
+            raise FieldProblem("rungs", f"expected two or more increasing item counts from 1 up, got {rungs}")
+        if self.limit is None:
+            self.limit = rungs[-1]
+        elif self.limit != rungs[-1]:
+            raise FieldProblem("rungs", f"expected the last rung to be fitness.limit ({self.limit}), got {rungs[-1]}")
+        return self
 
 
 class SelectionConfig(Section):
@@ -381,6 +401,15 @@ class SearchConfig(Section):
     def objective_specs(self) -> list[TaskSpec]:
         """What the search scores, one TaskSpec per objective, limited to fitness.limit items."""
         return [self._spec(objective, self.fitness.limit) for objective in self.objectives]
+
+    def search_parts(self) -> list[list[TaskSpec]]:
+        """The fitness items in parts, one per rung: the items rung k adds to rung k - 1 (without rungs, one
+        part: objective_specs). Rung k scores parts 0..k."""
+        rungs = self.fitness.rungs
+        if rungs is None:
+            return [self.objective_specs()]
+        bounds = zip([0, *rungs[:-1]], rungs, strict=True)
+        return [[spec.model_copy(update={"part": bound}) for spec in self.objective_specs()] for bound in bounds]
 
     def held_out_specs(self) -> list[TaskSpec]:
         """What only the final report scores; never seen by the search."""

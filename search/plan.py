@@ -13,6 +13,7 @@ import numpy as np
 from search.config import BudgetConfig, SearchConfig
 from search.execution.preflight import preflight, worker_spec
 from search.execution.worker import HELDOUT, SEARCH, CandidateWorker, Job
+from search.fitness.rungs import Rungs
 from search.genome import Genome
 from search.optimizers import advice, check_fits
 from search.results import baselines
@@ -31,19 +32,28 @@ def plan_search(config_path: Path) -> str:
     worker = CandidateWorker(worker_spec(config))
     load_s = time.perf_counter() - load_start
     worker.run(job)  # the first call also prepares task vectors and builds lm-eval's requests
+    worker.live = None  # so the steady call merges again: its merge time is what every new candidate pays
     steady = worker.run(job)
-    per_trial = steady.merge_s + steady.eval_s
+    # Every rung's part, once: a candidate pays the first, and each further one only when promoted to it.
+    parts = [steady] + [
+        worker.run(Job(job.recipe_yaml, job.seed, part=k)) for k in range(1, len(config.search_parts()))
+    ]
+    rungs = Rungs(tuple(config.fitness.rungs or [config.fitness.limit or 0]), config.fitness.promote)
+    share = [config.fitness.promote**k for k in range(len(parts))]  # of candidates that reach each rung
+    items_each = sum(part.items * reached for part, reached in zip(parts, share, strict=True))
+    per_trial = sum((part.merge_s + part.eval_s) * reached for part, reached in zip(parts, share, strict=True))
     heldout_s = worker.run(Job(job.recipe_yaml, job.seed, HELDOUT)).eval_s if config.held_out.tasks else 0.0
 
     workers, budget = config.execution.workers, config.budget
-    limit, candidates = binding_limit(budget, per_trial / workers, steady.items)
+    limit, candidates = binding_limit(budget, per_trial / workers, items_each)
+    full_items, full_s = sum(p.items for p in parts), sum(p.eval_s for p in parts) + steady.merge_s
     search_s = candidates * per_trial / workers
     # After the search: the tuning grids and the parents on the search split, then the parents, the default and
     # tuned baselines and (say) 3 front members held out.
     base, children = config.models.base, list(config.models.fine_tunes)
     grids = sum(len(family.candidates(base, children)) for family in baselines.TUNED)
     parents, references = 1 + len(children), len(baselines.default_baselines(base, children)) + len(baselines.TUNED)
-    final_s = (grids + parents) * per_trial / workers
+    final_s = (grids + parents) * full_s / workers
     final_s += (parents + references + 3) * (steady.merge_s + heldout_s) / workers
     lines = [
         f"config        {config.where}: valid; {len(config.models.fine_tunes)} fine-tunes of {config.models.base}",
@@ -55,15 +65,26 @@ def plan_search(config_path: Path) -> str:
         f"one candidate merge {steady.merge_s:.3f}s + {SEARCH} eval {steady.eval_s:.3f}s; worker start {load_s:.1f}s",
         f"budget        {budget.trials or '∞'} trials, wall time {budget.wall_time or '∞'} s, "
         f"{budget.item_evals or '∞'} items, {workers} worker(s)",
-        f"cost          {steady.items} items per candidate × ~{candidates:.0f} candidates = "
-        f"~{candidates * steady.items:.0f} items; budget.{limit} binds",
+        f"fidelity      {fidelity_line(rungs, config.fitness.promote)}",
+        f"cost          ~{items_each:.0f} items per candidate (all {full_items} at full fidelity) × ~{candidates:.0f} "
+        f"candidates = ~{candidates * items_each:.0f} items; budget.{limit} binds",
         f"projected     search ~{search_s:.0f}s + final comparison ~{final_s:.0f}s "
         f"(+ Ray and worker start ~{load_s + 10:.0f}s); planning took {time.perf_counter() - started:.0f}s",
     ]
     return "\n".join(lines)
 
 
-def binding_limit(budget: BudgetConfig, seconds_each: float, items_each: int) -> tuple[str, float]:
+def fidelity_line(rungs: Rungs, promote: float) -> str:
+    if rungs.top == 0:
+        return f"one rung: every candidate is scored on all {rungs.sizes[0] or 'the'} items per task"
+    schedule = " → ".join(map(str, rungs.sizes))
+    return (
+        f"rungs of {schedule} items per task, the best {promote:.0%} at each go on (asynchronous successive "
+        f"halving): ~{rungs.expected_items():.0f} items per task per candidate, against {rungs.sizes[-1]} without"
+    )
+
+
+def binding_limit(budget: BudgetConfig, seconds_each: float, items_each: float) -> tuple[str, float]:
     """The budget limit that stops the search first, and how many candidates run by then. `seconds_each`: wall
     time per candidate with every worker busy. Item budgets round up: the candidate that crosses one finishes."""
     candidates = {

@@ -8,6 +8,7 @@
       mlflow.db, mlartifacts/   MLflow's runs (when tracking.mlflow_uri is left at its default)
       tracking.json         which MLflow parent run this search logs into
       recipes/trial-N.yml   the recipe of every trial, written when it is asked
+      item_scores/<key>.json   per-item scores by recipe and split, part by part (the score cache)
       heldout_items.json    per-item held-out scores of every compared entry
       summary.json, report.md, best.yml   the results
       logs/workers.log      what the Ray workers printed (lm-eval, transformers), kept off the terminal
@@ -90,6 +91,9 @@ class RunDir:
 
     def trial_recipe(self, number: int) -> Path:
         return self.recipes / f"trial-{number}.yml"
+
+    def item_scores(self, key: str) -> Path:
+        return self.path / "item_scores" / f"{key}.json"
 
     @property
     def heldout_items(self) -> Path:

@@ -12,6 +12,7 @@ optimizer as failed. Everything the search knows lives in the run dir, so `--res
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -26,11 +27,13 @@ from search.config import SearchConfig
 from search.execution.pool import Outcome, WorkerPool
 from search.execution.preflight import preflight, worker_spec
 from search.execution.ray_runtime import start_ray, stop_ray
-from search.execution.worker import CandidateWorker, Job, JobResult
+from search.execution.worker import SEARCH, CandidateWorker, Job, JobResult
 from search.fitness import Objectives
+from search.fitness.rungs import RUNG_FITNESS, Rungs
+from search.fitness.score_cache import ScoreCache, combine, recipe_key
 from search.genome import Genome
 from search.optimizers import Optimizer, check_fits, make_optimizer
-from search.optimizers.base import INTERRUPTED, ITEMS
+from search.optimizers.base import FINISHED, INTERRUPTED, ITEMS
 from search.progress import Progress
 from search.results.final import FinalComparison
 from search.results.front import Front
@@ -67,7 +70,11 @@ class Search:
         )
         if resume:
             self.log_unlogged_trials()
-        self.asked: dict[int, tuple[np.ndarray, str]] = {}  # trials in flight: number -> (genome, recipe YAML)
+        self.rungs = Rungs(tuple(config.fitness.rungs or [config.fitness.limit or 0]), config.fitness.promote)
+        self.cache = ScoreCache(self.run_dir)
+        self.flight: dict[int, Candidate] = {}  # being scored: trial numbers, and after-search requests below 0
+        self.answers: dict[int, JobResult | str] = {}  # finished after-search requests: a result or the error
+        self.rung_fitness = self.optimizer.rung_fitness()  # every trial's fitness per rung, resumed ones too
         self.items = sum(self.optimizer.spent.values())  # items the study's finished trials cost, resumed too
         self.trials = reporter.task("search", config.budget.trials, "trials", done=self.optimizer.n_done)
 
@@ -77,19 +84,20 @@ class Search:
         study = self.optimizer.study
         interrupted = set(study.user_attrs.get(INTERRUPTED, []))  # re-queued under new numbers, never finished
         spent = self.optimizer.spent
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        status = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "stopped", TrialState.FAIL: "failed"}
+        for trial in study.get_trials(deepcopy=False, states=FINISHED):
             if trial.number in interrupted or self.tracker.has_trial(trial.number):
                 continue
-            complete = trial.state == TrialState.COMPLETE
+            failed = trial.state == TrialState.FAIL
             self.tracker.log_trial(
                 trial.number,
                 trial.params,
                 self.run_dir.read_text(self.run_dir.trial_recipe(trial.number)),
-                dict(zip(self.objectives.keys, trial.values, strict=True)) if complete else None,
-                "complete" if complete else "failed",
+                dict(zip(self.objectives.keys, trial.values, strict=True)) if trial.values else None,
+                status[trial.state],
                 merge_s=0.0,
                 eval_s=0.0,
-                error=None if complete else "reason lost: the run was killed before logging this trial",
+                error="reason lost: the run was killed before logging this trial" if failed else None,
                 items=spent.get(trial.number),
             )
 
@@ -131,7 +139,8 @@ class Search:
     def budget_left(self, started: float) -> bool:
         budget = self.config.budget
         done = self.optimizer.n_done
-        if budget.trials is not None and done + len(self.asked) >= budget.trials:
+        trials_in_flight = sum(number >= 0 for number in self.flight)
+        if budget.trials is not None and done + trials_in_flight >= budget.trials:
             return False
         # From the study, so a resumed run counts what it paid before the kill; candidates in flight count
         # nothing yet, so the last ones may finish past the budget.
@@ -147,71 +156,155 @@ class Search:
                 # Written before the trial can complete: a kill between the study's record and this file
                 # would leave a finished trial whose recipe a resumed run cannot read.
                 self.run_dir.write_text(self.run_dir.trial_recipe(trial.number), recipe_yaml)
-                self.asked[trial.number] = (trial.x, recipe_yaml)
-                pool.submit(trial.number, Job(recipe_yaml, seed=self.config.seed))
-            if not self.asked:
+                self.start(pool, trial.number, Candidate(recipe_yaml, SEARCH, self.rungs.top, trial.x))
+            if not self.flight:
                 return
             for outcome in pool.wait(timeout_s=5.0):
-                self.record(outcome)
+                self.scored(pool, outcome)
 
-    def record(self, outcome: Outcome) -> None:
-        number = outcome.key
-        x, recipe_yaml = self.asked.pop(number)
-        result: JobResult | None = outcome.value if outcome.ok else None
-        values = self.objectives.values(result.scores) if result else None
-        error = outcome.error if result is None else None if values else "non-finite score"
-        # A failed candidate whose scores came back (non-finite) was paid for; one that crashed: unknown, 0.
-        self.optimizer.tell(number, values, {ITEMS: result.items if result else 0})
+    # -- one candidate, part by part ------------------------------------------------------------------------
+    def start(self, pool: WorkerPool, key: int, candidate: "Candidate") -> None:
+        candidate.cache_key = recipe_key(candidate.recipe_yaml, self.config.seed)
+        self.flight[key] = candidate
+        self.advance(pool, key)
+
+    def advance(self, pool: WorkerPool, key: int) -> None:
+        """Take the candidate's next parts from the cache while it has them, deciding after each whether the
+        candidate is done; then submit the first part the cache lacks."""
+        candidate = self.flight[key]
+        cached = self.cache.parts(candidate.cache_key, candidate.split)
+        while not (candidate.parts and self.done(key)):
+            part = len(candidate.parts)
+            if part >= len(cached):
+                job = Job(candidate.recipe_yaml, seed=self.config.seed, split=candidate.split, part=part)
+                pool.submit(key, job)
+                return
+            candidate.parts.append(cached[part])
+            candidate.fresh.append(False)
+
+    def scored(self, pool: WorkerPool, outcome: Outcome) -> None:
+        candidate = self.flight[outcome.key]
+        if not outcome.ok:
+            self.finish(outcome.key, None, outcome.error)
+            return
+        self.cache.add(candidate.cache_key, candidate.split, len(candidate.parts), outcome.value)
+        candidate.parts.append(outcome.value)
+        candidate.fresh.append(True)
+        self.advance(pool, outcome.key)
+
+    def done(self, key: int) -> bool:
+        """After each part: an after-search request is done at its last part; a trial when the rungs stop it."""
+        candidate = self.flight[key]
+        rung = len(candidate.parts) - 1
+        if key < 0:
+            if rung < candidate.last:
+                return False
+            self.finish(key, combine(candidate.parts, candidate.fresh), None)
+            return True
+        result = combine(candidate.parts, candidate.fresh)
+        values = self.objectives.values(result.scores)
+        if values is None:
+            self.finish(key, result, "non-finite score")
+            return True
+        fitness = self.objectives.mean_fitness(values)
+        others = [f[rung] for n, f in self.rung_fitness.items() if n != key and len(f) > rung]
+        self.rung_fitness.setdefault(key, []).append(fitness)
+        if self.rungs.goes_on(rung, fitness, others):
+            self.optimizer.note(key, {RUNG_FITNESS: self.rung_fitness[key]})
+            return False
+        self.finish(key, result, None)
+        return True
+
+    def finish(self, key: int, result: JobResult | None, error: str | None) -> None:
+        candidate = self.flight.pop(key)
+        if key < 0:
+            self.answers[key] = result if error is None else error
+            return
+        number, rung = key, len(candidate.parts) - 1
+        # Items scored for it, cache answers excepted: a crash pays for the parts that came back before it.
+        items = sum(part.items for part, fresh in zip(candidate.parts, candidate.fresh, strict=True) if fresh)
+        values = None if error else self.objectives.values(result.scores)
+        stopped_at = self.rungs.sizes[rung] if values and rung < self.rungs.top else None
+        attrs = {ITEMS: items} | ({RUNG_FITNESS: self.rung_fitness[number]} if number in self.rung_fitness else {})
+        self.optimizer.tell(number, values, attrs, stopped_at=stopped_at)
+        status = "failed" if not values else "stopped" if stopped_at else "complete"
         self.tracker.log_trial(
             number,
-            self.optimizer.params(x),
-            recipe_yaml,
+            self.optimizer.params(candidate.x),
+            candidate.recipe_yaml,
             dict(zip(self.objectives.keys, values, strict=True)) if values else None,
-            "complete" if values else "failed",
-            merge_s=result.merge_s if result else 0.0,
-            eval_s=result.eval_s if result else 0.0,
+            status,
+            merge_s=sum(p.merge_s for p, fresh in zip(candidate.parts, candidate.fresh, strict=True) if fresh),
+            eval_s=sum(p.eval_s for p, fresh in zip(candidate.parts, candidate.fresh, strict=True) if fresh),
             error=error,
-            items=result.items if result else None,
+            items=items if result is not None or items else None,
+            fidelity=self.rungs.sizes[rung] if values and self.rungs.top else None,
         )
         front = Front.of(self.completed(), self.objectives)
-        self.progress(number, result, values, error, front)
-        if values:
+        self.progress(number, items, values, error, stopped_at, front)
+        if values and not stopped_at:
             self.tracker.log_step(self.optimizer.n_done, front.best, front.hypervolume)
 
     def progress(
-        self, number: int, result: JobResult | None, values: list[float] | None, error: str | None, front: Front
+        self,
+        number: int,
+        items: int,
+        values: list[float] | None,
+        error: str | None,
+        stopped_at: int | None,
+        front: Front,
     ) -> None:
-        self.items += result.items if result else 0
+        self.items += items
         status = " ".join(f"{v:.4f}" for v in values) if values else f"FAILED ({error})"
+        stopped = f" (stopped at the {stopped_at}-item rung)" if stopped_at else ""
         self.trials.advance(
             1,
-            f"trial {number}: {status}",
-            failed=self.optimizer.n_done - len(front.points),
+            f"trial {number}: {status}{stopped}",
+            failed=self.optimizer.n_failed,
             items=self.items,
             best=", ".join(f"{k}={v:.4f}" for k, v in front.best.items()) if front.best else "-",
         )
 
     def completed(self) -> dict[int, list[float]]:
-        """Every complete trial's objective values, by trial number (from the study: resumed runs too)."""
+        """Every complete trial's objective values, by trial number (from the study: resumed runs too). Trials
+        stopped at a cheaper rung are not here: their scores are of fewer items, never ranked with these."""
         trials = self.optimizer.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return {trial.number: list(trial.values) for trial in trials}
 
     def evaluate(self, pool: WorkerPool, recipes: dict[str, Recipe], split: str) -> dict[str, JobResult]:
-        """Score named recipes on the pool (keys below zero never collide with trial numbers)."""
+        """Score named recipes on the pool, on every part of `split` (keys below zero never collide with trial
+        numbers); what the score cache holds is not scored again."""
         names = list(recipes)
         scored = self.reporter.task(f"scoring on the {split} split", len(names), "entries")
+        last = self.rungs.top if split == SEARCH else 0
         for index, name in enumerate(names):
-            pool.submit(-1 - index, Job(recipes[name].to_yaml(), seed=self.config.seed, split=split))
-        results: dict[str, JobResult] = {}
-        while pool.pending():
+            self.start(pool, -1 - index, Candidate(recipes[name].to_yaml(), split, last))
+        while self.flight:
             for outcome in pool.wait(timeout_s=5.0):
-                name = names[-1 - outcome.key]
-                scored.advance(1)
-                if outcome.ok:
-                    results[name] = outcome.value
-                else:
-                    self.say(f"{name}: evaluation failed ({outcome.error}); left out of the comparison")
+                self.scored(pool, outcome)
+            if len(self.answers) > scored.done:
+                scored.advance(len(self.answers) - scored.done)
+        results: dict[str, JobResult] = {}
+        for index, name in enumerate(names):
+            answer = self.answers.pop(-1 - index)
+            if isinstance(answer, JobResult):
+                results[name] = answer
+            else:
+                self.say(f"{name}: evaluation failed ({answer}); left out of the comparison")
         return results
+
+
+@dataclass
+class Candidate:
+    """A recipe being scored on one split, part by part (a trial's parts are its fitness rungs)."""
+
+    recipe_yaml: str
+    split: str
+    last: int  # the last part it may need: a trial stops earlier when the rungs say so
+    x: np.ndarray | None = None  # a trial's genome; None for an after-search request
+    cache_key: str = ""
+    parts: list[JobResult] = field(default_factory=list)  # parts 0.. scored so far, in order
+    fresh: list[bool] = field(default_factory=list)  # per part: scored for this request (else the cache's)
 
 
 def run_search(config_path: Path, resume: bool = False, say: Callable[[str], None] | None = None) -> RunSummary:

@@ -1,8 +1,8 @@
 """What a search checks before anything starts (no Ray, no run dir), and what each worker is told to load.
 
 Whatever can be wrong before the first trial is found here, as one InputError line: sources that do not fit
-together, tasks and metrics that do not resolve, held-out tasks inside objective groups, objective tasks too
-small for their fitness and selection items, a device this machine does not have.
+together, tasks and metrics that do not resolve (or that rungs cannot average), held-out tasks inside objective groups,
+objective tasks too small for their rungs and selection items, a device this machine does not have.
 """
 
 import os
@@ -31,11 +31,11 @@ def preflight(config: SearchConfig) -> Preflight:
     infos = [read_info(ref) for ref in [config.models.base, *config.models.fine_tunes]]
     check_compatible(infos)
     names = list(infos[0].shapes)
-    searched = Evaluator(config.eval_config(), config.objective_specs()).sizes()
+    # The first rung's part: binding it checks the metric averages items, which rungs need (the same sizes).
+    searched = Evaluator(config.eval_config(), config.search_parts()[0]).sizes()
     held_out = Evaluator(config.eval_config(), config.held_out_specs()).sizes() if config.held_out.tasks else {}
     check_held_out(config, searched, held_out)
-    if config.selection is not None:
-        check_selection(config, searched)
+    check_items(config, searched)
     return Preflight(tensor_names=names, num_layers=architecture.num_layers(names))
 
 
@@ -54,17 +54,24 @@ def check_held_out(config: SearchConfig, searched: Sizes, held_out: Sizes) -> No
             )
 
 
-def check_selection(config: SearchConfig, searched: Sizes) -> None:
-    """Every objective task must hold its fitness items and, after them, its selection items."""
-    fitness, selection = config.fitness.limit, config.selection.limit
+def check_items(config: SearchConfig, searched: Sizes) -> None:
+    """Every objective task must hold its fitness items (every rung's) and, after them, its selection items.
+    Without rungs or a selection split, a fitness.limit past a task's size just takes all its items."""
+    fitness, selection = config.fitness.limit, config.selection
     for members in searched.values():
         for task, size in members.items():
-            if fitness + selection > size:
+            if selection is not None and fitness + selection.limit > size:
                 raise InputError(
                     config.where,
                     "selection.limit",
                     f"expected fitness.limit + selection.limit <= the {size} items of {task!r}, "
-                    f"got {fitness} + {selection}",
+                    f"got {fitness} + {selection.limit}",
+                )
+            if config.fitness.rungs is not None and fitness > size:
+                raise InputError(
+                    config.where,
+                    "fitness.rungs",
+                    f"expected rungs of at most the {size} items of {task!r}, got {fitness}",
                 )
 
 
@@ -87,7 +94,7 @@ def worker_spec(config: SearchConfig) -> WorkerSpec:
         models=(config.models.base, *config.models.fine_tunes),
         device=config.execution.device,
         eval_config=config.eval_config(),
-        search_tasks=tuple(config.objective_specs()),
+        search_parts=tuple(tuple(part) for part in config.search_parts()),
         heldout_tasks=tuple(config.held_out_specs()),
         selection_tasks=tuple(config.selection_specs()),
         threads=max(1, (os.cpu_count() or 1) // config.execution.workers),

@@ -18,7 +18,7 @@ class WorkerSpec:
     models: tuple[str, ...]  # every source a candidate may use; the first is the live model's skeleton
     device: str
     eval_config: EvalConfig
-    search_tasks: tuple[TaskSpec, ...]
+    search_parts: tuple[tuple[TaskSpec, ...], ...]  # the fitness items, one part per rung (SearchConfig.search_parts)
     heldout_tasks: tuple[TaskSpec, ...]
     selection_tasks: tuple[TaskSpec, ...] = ()  # none: no selection split configured
     threads: int | None = None
@@ -30,6 +30,7 @@ class Job:
     recipe_yaml: str
     seed: int
     split: str = SEARCH  # SEARCH, SELECTION or HELDOUT
+    part: int = 0  # of the search split: which rung's new items
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,13 @@ class JobResult:
     per_item: dict[str, list[float]]  # task -> per-item scores, for paired statistics
     merge_s: float
     eval_s: float
+    cached_items: int = 0  # of per_item, the items a score cache answered instead of a model
 
     @property
     def items(self) -> int:
-        """Items scored, the unit evaluation cost scales with (a task group counts all its tasks' items)."""
-        return sum(len(scores) for scores in self.per_item.values())
+        """Items scored for this result, the unit evaluation cost scales with (a task group counts all its
+        tasks' items); those the score cache answered cost nothing."""
+        return sum(len(scores) for scores in self.per_item.values()) - self.cached_items
 
 
 class CandidateWorker:
@@ -52,6 +55,7 @@ class CandidateWorker:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
+        self.live: tuple[str, int] | None = None  # (recipe YAML, seed) of the weights the live model holds
         # 'auto' is resolved here, not by the driver: on a cluster the worker's node decides what it has
         if spec.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,11 +63,11 @@ class CandidateWorker:
             self.device = spec.device
         self.session = MergeSession(list(spec.models), device=self.device)
         skeleton = self.session.checkpoints[spec.models[0]].path
-        self.evaluators = {SEARCH: Evaluator(spec.eval_config, spec.search_tasks)}
+        self.evaluators = {(SEARCH, k): Evaluator(spec.eval_config, part) for k, part in enumerate(spec.search_parts)}
         if spec.heldout_tasks:  # a search may have none: its report then compares nothing held out
-            self.evaluators[HELDOUT] = Evaluator(spec.eval_config, spec.heldout_tasks)
+            self.evaluators[HELDOUT, 0] = Evaluator(spec.eval_config, spec.heldout_tasks)
         if spec.selection_tasks:
-            self.evaluators[SELECTION] = Evaluator(spec.eval_config, spec.selection_tasks)
+            self.evaluators[SELECTION, 0] = Evaluator(spec.eval_config, spec.selection_tasks)
         if spec.eval_config.backend == "vllm":
             from evaluators.vllm_backend import vllm_lm
 
@@ -80,23 +84,29 @@ class CandidateWorker:
         self.lm = hf_lm(self.model, tokenizer, spec.eval_config)
 
     def run(self, job: Job) -> JobResult:
-        recipe = Recipe.from_yaml(job.recipe_yaml)
         start = time.perf_counter()
-        if self.model is not None:
-            self.session.apply(recipe, self.model, seed=job.seed)
-        else:
-            from evaluators.vllm_backend import load_candidate
-
-            tensors = self.session.materialize(recipe, seed=job.seed)
-            bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
-            if bad:
-                raise InputError(recipe.where, None, f"merged tensor {bad} has NaN or infinite values")
-            load_candidate(self.lm, tensors, self.spec.eval_config)
+        # The candidate already live (its next rung, or another split): its weights are in place.
+        if (job.recipe_yaml, job.seed) != self.live:
+            self.live = None  # a merge that fails half way leaves no candidate live
+            self._merge(Recipe.from_yaml(job.recipe_yaml), job.seed)
+            self.live = (job.recipe_yaml, job.seed)
         merged = time.perf_counter()
-        scores = self.evaluators[job.split].evaluate(self.lm)
+        scores = self.evaluators[job.split, job.part].evaluate(self.lm)
         return JobResult(
             scores={task: score.value for task, score in scores.items()},
             per_item={task: score.per_item for task, score in scores.items()},
             merge_s=merged - start,
             eval_s=time.perf_counter() - merged,
         )
+
+    def _merge(self, recipe: Recipe, seed: int) -> None:
+        if self.model is not None:
+            self.session.apply(recipe, self.model, seed=seed)
+            return
+        from evaluators.vllm_backend import load_candidate
+
+        tensors = self.session.materialize(recipe, seed=seed)
+        bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+        if bad:
+            raise InputError(recipe.where, None, f"merged tensor {bad} has NaN or infinite values")
+        load_candidate(self.lm, tensors, self.spec.eval_config)

@@ -1,5 +1,5 @@
 """The objectives: which task scores a candidate is judged on, in which direction, and how they become the
-values an optimizer is told. New fitness schedules (rungs, a score cache) live beside this."""
+values an optimizer is told. Rungs (rungs.py) and the score cache (score_cache.py) live beside this."""
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass

@@ -2,7 +2,7 @@
 
 Workers ask for a genome, evaluate it, and tell its objective values (None: the candidate failed). Every
 trial, whichever optimizer proposed it, is an Optuna trial in RUN_DIR/optuna.db: its genes as params, its
-values, state COMPLETE or FAIL, and user attrs (ITEMS: the items it was scored on). So the history, the
+values, state COMPLETE, PRUNED (stopped at a cheaper fitness rung: search/fitness/rungs.py) or FAIL, and user attrs (ITEMS: the items it was scored on). So the history, the
 Pareto front and the cost are one query away (`optuna.load_study(...).best_trials`), and a new process
 opening the same storage resumes the search:
 finished trials stay finished and are never asked again; trials a killed process left RUNNING are marked
@@ -24,11 +24,13 @@ from sqlalchemy import event
 from sqlalchemy.exc import DatabaseError
 
 from merge_core.errors import InputError
+from search.fitness.rungs import RUNG_FITNESS
 from search.genome import Genome
 
 INTERRUPTED = "interrupted"  # study user attr: numbers of trials a killed process left running
 GENES = "genes"  # study user attr: the gene names, so a resume with another genome is refused
 ITEMS = "items"  # trial user attr: the items it was scored on (its cost), so a resumed budget counts them
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,22 @@ class Optimizer(ABC):
         """The next genome to evaluate; never waits for other trials' results."""
 
     @abstractmethod
-    def tell(self, number: int, values: Sequence[float] | None, attrs: Mapping[str, Any] | None = None) -> None:
+    def tell(
+        self,
+        number: int,
+        values: Sequence[float] | None,
+        attrs: Mapping[str, Any] | None = None,
+        stopped_at: int | None = None,
+    ) -> None:
         """The objective values of trial `number` (None, or any non-finite value: it failed); attrs are
-        JSON-serializable user attrs recorded with the trial."""
+        JSON-serializable user attrs recorded with the trial. `stopped_at`: the item count of the cheaper rung
+        the values come from, where the candidate stopped (None: full fidelity)."""
+
+    def note(self, number: int, attrs: Mapping[str, Any]) -> None:
+        """Record user attrs on a trial still being evaluated (a rung it finished), for a resumed run to read."""
+        trial = self._asked[number]
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
 
     @abstractmethod
     def enqueue(self, x: np.ndarray) -> None:
@@ -65,17 +80,32 @@ class Optimizer(ABC):
 
     @property
     def n_done(self) -> int:
-        """Trials finished (COMPLETE or FAIL), not counting those a killed process interrupted."""
+        """Trials finished (COMPLETE, PRUNED or FAIL), not counting those a killed process interrupted."""
         interrupted = set(self.study.user_attrs.get(INTERRUPTED, []))
-        finished = (TrialState.COMPLETE, TrialState.FAIL)
-        return sum(t.state in finished and t.number not in interrupted for t in self.study.get_trials(deepcopy=False))
+        return sum(t.state in FINISHED and t.number not in interrupted for t in self.study.get_trials(deepcopy=False))
+
+    @property
+    def n_failed(self) -> int:
+        """Trials that failed, not counting those a killed process interrupted."""
+        interrupted = set(self.study.user_attrs.get(INTERRUPTED, []))
+        trials = self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        return sum(t.number not in interrupted for t in trials)
+
+    def rung_fitness(self) -> dict[int, list[float]]:
+        """Each trial's fitness at every rung it finished (RUNG_FITNESS), unfinished ones too, but not those a
+        killed process interrupted: they are asked again and answer from the score cache."""
+        interrupted = set(self.study.user_attrs.get(INTERRUPTED, []))
+        return {
+            t.number: list(t.user_attrs[RUNG_FITNESS])
+            for t in self.study.get_trials(deepcopy=False)
+            if RUNG_FITNESS in t.user_attrs and t.number not in interrupted
+        }
 
     @property
     def spent(self) -> dict[int, int]:
         """Items each finished trial was scored on, by number: its ITEMS attr, 0 where it has none (a trial a
         killed process interrupted, or one told without it). Trials in flight have spent nothing yet."""
-        finished = (TrialState.COMPLETE, TrialState.FAIL)
-        trials = self.study.get_trials(deepcopy=False, states=finished)
+        trials = self.study.get_trials(deepcopy=False, states=FINISHED)
         return {t.number: int(t.user_attrs.get(ITEMS, 0)) for t in trials}
 
     # --- shared plumbing ------------------------------------------------------------------------------
@@ -95,7 +125,7 @@ class Optimizer(ABC):
         return trial
 
     def _finish(
-        self, number: int, values: Sequence[float] | None, attrs: Mapping[str, Any] | None
+        self, number: int, values: Sequence[float] | None, attrs: Mapping[str, Any] | None, stopped_at: int | None
     ) -> list[float] | None:
         """Record the outcome in the study; the values, or None when the trial counts as failed."""
         trial = self._asked.pop(number, None)
@@ -110,7 +140,12 @@ class Optimizer(ABC):
         if values is None or not all(np.isfinite(values)):
             self.study.tell(trial, state=TrialState.FAIL)
             return None
-        self.study.tell(trial, values)
+        if stopped_at is None:
+            self.study.tell(trial, values)
+            return values
+        if len(values) == 1:  # Optuna keeps intermediate values of one objective only
+            trial.report(values[0], step=stopped_at)
+        self.study.tell(trial, state=TrialState.PRUNED)
         return values
 
     def _fail_interrupted(self) -> list[FrozenTrial]:
@@ -138,8 +173,14 @@ class SamplerOptimizer(Optimizer):
         trial = self._new_trial()
         return Trial(trial.number, self.vector(trial.params))
 
-    def tell(self, number: int, values: Sequence[float] | None, attrs: Mapping[str, Any] | None = None) -> None:
-        self._finish(number, values, attrs)
+    def tell(
+        self,
+        number: int,
+        values: Sequence[float] | None,
+        attrs: Mapping[str, Any] | None = None,
+        stopped_at: int | None = None,
+    ) -> None:
+        self._finish(number, values, attrs, stopped_at)
 
     def enqueue(self, x: np.ndarray) -> None:
         self.study.enqueue_trial(self.params(x), skip_if_exists=True)

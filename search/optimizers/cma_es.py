@@ -4,8 +4,8 @@
   sigma0 is a fraction of every gene's range whatever the parameter.
 - Generations: ask hands out the current generation's candidates one by one. Once all are out but results
   are missing, ask samples spares from the same distribution, so an idle worker never waits for a straggler.
-  When popsize results of a generation are in, they are told to pycma together (a failed candidate gets a
-  penalty: worse than the generation's worst real value; CMA-ES only uses ranks). Results that arrive
+  When popsize results of a generation are in, they are told to pycma together (as ranks, which is all CMA-ES
+  uses: a candidate stopped at a cheaper rung below every one that went further, a failed one last). Results that arrive
   after that are recorded in the study only.
 - Warm start: enqueued genomes are injected into the next generation (pycma `inject`, force) and handed
   out exactly as given; pycma asks them after its own directions (`DirectionData`), before samples.
@@ -90,6 +90,7 @@ class Member:
     number: int | None = None  # the study's trial number once handed out
     done: bool = False
     value: float | None = None  # the minimized objective; None for a failed candidate
+    stopped_at: int | None = None  # the item count of the cheaper rung its value is from (None: full fidelity)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class MemberData(Data):
     number: int | None
     done: bool
     value: float | None
+    stopped_at: int | None = None
 
 
 class DirectionData(Data):
@@ -175,7 +177,16 @@ def _member_data(member: Member) -> dict[str, Any]:
         "number": member.number,
         "done": member.done,
         "value": member.value,
+        "stopped_at": member.stopped_at,
     }
+
+
+def _rank_key(member: Member) -> tuple[bool, float, float]:
+    """Sorts best first (pycma minimizes): real before failed, further rungs first, then by value."""
+    if member.value is None:
+        return (True, 0.0, 0.0)
+    reached = float("inf") if member.stopped_at is None else member.stopped_at
+    return (False, -reached, member.value)
 
 
 def _same_candidate(a: Member, b: Member) -> bool:
@@ -226,13 +237,20 @@ class CmaEs(Optimizer):
         self._save()
         return Trial(trial.number, member.x.copy())
 
-    def tell(self, number: int, values: Sequence[float] | None, attrs: Mapping[str, Any] | None = None) -> None:
-        values = self._finish(number, values, attrs)
+    def tell(
+        self,
+        number: int,
+        values: Sequence[float] | None,
+        attrs: Mapping[str, Any] | None = None,
+        stopped_at: int | None = None,
+    ) -> None:
+        values = self._finish(number, values, attrs, stopped_at)
         member = next((m for m in self.state.generation if m.number == number), None)
         if member is None:
             self.state.stale.pop(number, None)  # its generation was told without it: the study has it
         else:
             member.done, member.value = True, None if values is None else self.sign * values[0]
+            member.stopped_at = stopped_at
             self._tell_if_complete()
         self._save()
 
@@ -278,10 +296,11 @@ class CmaEs(Optimizer):
         done = [m for m in generation if m.done]
         if len(done) < self.popsize:
             return
-        real = [m.value for m in done if m.value is not None]
-        worst = max(real, default=0.0)
-        penalty = worst + max(1.0, abs(worst))
-        self.state.es.tell([m.z for m in done], [penalty if m.value is None else m.value for m in done])
+        # pycma uses only the ranks of what it is told: a candidate that stopped at a cheaper rung ranks below
+        # every one that went further (values of different rungs are never compared), a failed one last.
+        # Ties keep one rank, as equal values did (pycma reads a flat generation as a cue to widen its step).
+        keys = [_rank_key(m) for m in done]
+        self.state.es.tell([m.z for m in done], [float(sum(other < key for other in keys)) for key in keys])
         self.state.start = _snapshot(self.state.es, self.state.rng)
         self.state.stale.update({m.number: m for m in generation if not m.done and m.number is not None})
         generation.clear()
@@ -429,7 +448,8 @@ class CmaEs(Optimizer):
     def _member(self, data: MemberData, field: str) -> Member:
         value = None if data.value is None else float(self._array(data.value, (), f"{field}.value"))
         z = self._array(data.z, self.lower.shape, f"{field}.z")
-        return Member(z, self._genes(data.x, f"{field}.x"), data.kind, data.number, data.done, value)
+        genes = self._genes(data.x, f"{field}.x")
+        return Member(z, genes, data.kind, data.number, data.done, value, data.stopped_at)
 
     def _genes(self, value: list[float], field: str) -> np.ndarray:
         x = self._array(value, self.lower.shape, field)

@@ -39,7 +39,7 @@ PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under a
 COST_METRICS = ("merge_s", "eval_s", "items")  # what a trial cost, beside its scores
 HELDOUT_PREFIX = "heldout/"
 SPLIT_PREFIXES = (HELDOUT_PREFIX, "selection/")  # a trial's metrics from after the search: not its search scores
-RUN_STATUS = {"complete": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+RUN_STATUS = {"complete": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 VERSIONED_PACKAGES = ("evomerge", "torch", "transformers", "lm_eval", "mergekit", "mlflow")
 # MLflow's per-call limits: params and tags 100 each, 1000 entities in all.
 BATCH_PARAMS, BATCH_TAGS, BATCH_METRICS = 100, 100, 800
@@ -249,21 +249,23 @@ class Tracker:
         params: Mapping[str, float],
         recipe_yaml: str,
         scores: Mapping[str, float] | None,
-        status: Literal["complete", "failed"],
+        status: Literal["complete", "stopped", "failed"],
         merge_s: float,
         eval_s: float,
         error: str | None = None,
         items: int | None = None,
+        fidelity: int | None = None,
     ) -> str:
         """One child run per trial number: genes as params, scores, seconds and items as metrics, the recipe as YAML.
 
         `items`: how many items the candidate was scored on (its cost); None where no scores came back.
+        `fidelity`: with fitness rungs, the items per task its scores are of; "stopped": a cheaper rung's.
 
         Logging a number again (a resumed search replaying its last trials) updates the same child run. The
         genes must be the same as before: MLflow params cannot change, and a replay that changes them is a bug.
         """
-        if status not in ("complete", "failed"):
-            raise ValueError(f"log_trial: status: expected 'complete' or 'failed', got {status!r}")
+        if status not in ("complete", "stopped", "failed"):
+            raise ValueError(f"log_trial: status: expected 'complete', 'stopped' or 'failed', got {status!r}")
         parent = self._parent()
         run_id = self._children.get(number)
         if run_id is None:
@@ -281,6 +283,7 @@ class Tracker:
         tags = {STATUS_TAG: status} | ({ERROR_TAG: error} if error else {})
         score_metrics = {metric_key(name): value for name, value in (scores or {}).items()}
         cost = {"merge_s": merge_s, "eval_s": eval_s} | ({"items": items} if items is not None else {})
+        cost |= {"fidelity": fidelity} if fidelity is not None else {}
         try:
             self._log_batch(
                 run_id,
