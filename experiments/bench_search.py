@@ -1,12 +1,16 @@
 """Search quality on the demo toy family: CMA-ES and NSGA-II vs random search at equal budget, vs mergekit's
 default recipes and a tuned single λ, vs the parents — all on the held-out split the search never saw.
 
-    .venv/bin/python experiments/bench_search.py [--seeds 0,1,2] [--optimizers cmaes,nsga2,random] [--trials 60]
+    .venv/bin/python experiments/bench_search.py [--seeds 0,1,2] [--optimizers cmaes,cmaes+rungs,random]
+        [--trials 60] [--rungs 25,75,200]
+
+Every variant gets the same item budget: what `--trials` full-fidelity candidates cost. A `+rungs` variant
+scores candidates with fitness.rungs (asynchronous successive halving), so it sees more candidates for it.
 
 Each seed builds (or reuses) its own demo family (family seed = search seed), since whether a base picks up a
 skill varies by seed. Per run it prints the best recipe's held-out average with its paired bootstrap CI
-against the best parent and the best baseline, and the evaluations it needed to reach random search's final
-search-split score. NSGA-II searches the three skills as three objectives (a Pareto front); its "best" is the
+against the best parent and the best baseline, and the items it needed to reach random search's final
+full-fidelity search-split score. NSGA-II searches the three skills as three objectives (a Pareto front); its "best" is the
 front member with the highest mean search score, as the runner reports it.
 """
 
@@ -27,10 +31,14 @@ from search.run_dir import RunDir
 from search.runner import run_search
 
 
-def config_for(family_root: Path, optimizer: str, seed: int, trials: int, out: Path) -> Path:
+def config_for(family_root: Path, variant: str, seed: int, trials: int, rungs: list[int], out: Path) -> Path:
     config = yaml.safe_load(DEMO_CONFIG.read_text().replace(FAMILY_PLACEHOLDER, str(family_root)))
+    optimizer, _, fidelity = variant.partition("+")
     config["optimizer"]["name"] = optimizer
-    config["budget"] = {"trials": trials}
+    tasks = 3  # toy_search: one task per skill
+    config["budget"] = {"trials": None, "item_evals": trials * config["fitness"]["limit"] * tasks}
+    if fidelity == "rungs":
+        config["fitness"]["rungs"] = rungs
     config["seed"] = seed
     config["output_dir"] = str(out / "run")
     if optimizer == "nsga2":
@@ -40,20 +48,25 @@ def config_for(family_root: Path, optimizer: str, seed: int, trials: int, out: P
     return path
 
 
-def best_so_far(run_dir: Path) -> np.ndarray:
-    """Per finished trial (in trial order), the best mean search score so far."""
+def best_so_far(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Per finished trial (in trial order): the items spent so far, and the best full-fidelity mean search score
+    so far (a trial stopped at a cheaper rung costs items but sets no best)."""
     with sqlite3.connect(run_dir / "optuna.db") as db:
         rows = db.execute(
-            "select t.number, avg(v.value) from trials t left join trial_values v on v.trial_id = t.trial_id "
-            "where t.state in ('COMPLETE', 'FAIL') group by t.trial_id order by t.number"
+            "select t.number, t.state, avg(v.value), max(a.value_json) from trials t "
+            "left join trial_values v on v.trial_id = t.trial_id "
+            "left join trial_user_attributes a on a.trial_id = t.trial_id and a.key = 'items' "
+            "where t.state in ('COMPLETE', 'PRUNED', 'FAIL') group by t.trial_id order by t.number"
         ).fetchall()
-    scores = np.array([value if value is not None else -np.inf for _, value in rows])
-    return np.maximum.accumulate(scores)
+    items = np.cumsum([json.loads(spent or "0") for *_, spent in rows])
+    scores = np.array([value if state == "COMPLETE" else -np.inf for _, state, value, _ in rows])
+    return items, np.maximum.accumulate(scores)
 
 
-def evaluations_to_reach(curve: np.ndarray, target: float) -> int | None:
-    reached = np.nonzero(curve >= target - 1e-12)[0]
-    return int(reached[0]) + 1 if reached.size else None
+def items_to_reach(curve: tuple[np.ndarray, np.ndarray], target: float) -> int | None:
+    items, best = curve
+    reached = np.nonzero(best >= target - 1e-12)[0]
+    return int(items[reached[0]]) if reached.size else None
 
 
 def paired(items: dict, a: str, b: str, seed: int) -> PairedDiff:
@@ -71,10 +84,12 @@ def fmt(diff: PairedDiff) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--optimizers", default="cmaes,nsga2,random")
-    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--optimizers", default="cmaes,cmaes+rungs,random")
+    parser.add_argument("--trials", type=int, default=60, help="the item budget, in full-fidelity candidates")
+    parser.add_argument("--rungs", default="25,75,200")
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
+    rungs = [int(size) for size in args.rungs.split(",")]
     root = Path(tempfile.mkdtemp(prefix="bench-search-"))
     lines = []
     for seed in map(int, args.seeds.split(",")):
@@ -85,7 +100,7 @@ def main() -> None:
             out = root / f"seed{seed}-{optimizer}"
             out.mkdir()
             summaries[optimizer] = run_search(
-                config_for(family.root, optimizer, seed, args.trials, out), say=lambda _: None
+                config_for(family.root, optimizer, seed, args.trials, rungs, out), say=lambda _: None
             )
             curves[optimizer] = best_so_far(out / "run")
         reference = summaries[optimizers[0]]
@@ -93,17 +108,18 @@ def main() -> None:
         defaults = {b.name: b.heldout["average"] for b in reference.baselines}
         lines.append(f"seed {seed}: parents " + ", ".join(f"{n} {v:.3f}" for n, v in parents.items()))
         lines.append(f"seed {seed}: baselines " + ", ".join(f"{n} {v:.3f}" for n, v in defaults.items()))
-        target = curves["random"][-1] if "random" in curves else None
+        target = curves["random"][1][-1] if "random" in curves else None
         for optimizer, summary in summaries.items():
             items = json.loads(RunDir(root / f"seed{seed}-{optimizer}" / "run").heldout_items.read_text())
             best = f"evolved #{summary.best.trial}"
-            reach = evaluations_to_reach(curves[optimizer], target) if target is not None else None
+            reach = items_to_reach(curves[optimizer], target) if target is not None else None
             against = [max(parents, key=parents.get), *defaults]
             diffs = " | ".join(f"vs {name} {fmt(paired(items, best, name, seed))}" for name in against)
             lines.append(
                 f"seed {seed}: {optimizer:>6} held-out avg {summary.best.heldout['average']:.3f} | {diffs} | "
-                f"search best {curves[optimizer][-1]:.3f} | evals to reach random's final {reach} | "
-                f"{summary.trials.complete} ok, {summary.trials.failed} failed"
+                f"search best {curves[optimizer][1][-1]:.3f} | items to reach random's final {reach} "
+                f"of {summary.trials.items} | {summary.trials.complete} full, {summary.trials.failed} failed, "
+                f"{summary.trials.stopped} stopped early"
             )
             print(lines[-1], flush=True)
     print("\n".join(lines))

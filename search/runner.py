@@ -123,7 +123,9 @@ class Search:
             evaluate = partial(self.evaluate, pool)
             final = FinalComparison(config, self.run_dir, self.objectives, self.tracker, evaluate, started, self.say)
             front = Front.of(self.completed(), self.objectives)
-            summary = final.run(front, self.completed(), self.optimizer.n_done, self.optimizer.spent)
+            done, completed = self.optimizer.n_done, self.completed()
+            stopped = done - len(completed) - self.optimizer.n_failed
+            summary = final.run(front, completed, done, self.optimizer.spent, stopped)
         except BaseException:
             self.tracker.finish("killed")
             raise

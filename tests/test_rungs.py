@@ -159,6 +159,7 @@ def test_a_search_with_rungs_stops_most_candidates_early_and_resumes_from_the_ca
             assert intermediate_values(run_dir)[number] == {8: fitness[number][0]}  # TPE ranks it by rung
     complete = [n for n, s in states.items() if s == "COMPLETE"]
     assert 1 <= len(complete) < 8 and summary.trials.complete == len(complete)
+    assert (summary.trials.stopped, summary.trials.failed) == (8 - len(complete), 0)
     assert {m.trial for m in summary.front} <= set(complete)  # the front holds full-fidelity scores only
     assert summary.trials.items == sum(items.values())
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")

@@ -97,9 +97,15 @@ class FinalComparison:
         self.evaluate, self.started, self.say = evaluate, started, say  # started: time.monotonic() of the search
 
     def run(
-        self, front: Front, completed: dict[int, list[float]], trials_done: int, spent: Mapping[int, int]
+        self,
+        front: Front,
+        completed: dict[int, list[float]],
+        trials_done: int,
+        spent: Mapping[int, int],
+        stopped: int = 0,
     ) -> RunSummary:
-        """`spent`: the items each finished trial was scored on, by trial number."""
+        """`spent`: the items each finished trial was scored on, by trial number; `stopped`: of the trials done,
+        those fitness rungs stopped early (neither complete nor failed)."""
         costs: list[int] = []  # the items of every scoring below: what the final comparison costs on top
         self.evaluate = counting(self.evaluate, costs)
         tuning = self.tune()
@@ -108,7 +114,14 @@ class FinalComparison:
         entries = self.entries(front, tuning, choice)
         results = self.score_heldout(entries)
         rows = self.compare(entries, results)
-        summary = self.summarize(front, completed, trials_done, entries, rows, spent, sum(costs), gate, choice)
+        counts = TrialCounts(
+            complete=len(completed),
+            stopped=stopped,
+            failed=trials_done - len(completed) - stopped,
+            items=sum(spent.values()),
+            final_items=sum(costs),
+        )
+        summary = self.summarize(front, completed, counts, entries, rows, spent, gate, choice)
         self.write(summary, rows, choice)
         return summary
 
@@ -242,11 +255,10 @@ class FinalComparison:
         self,
         front: Front,
         completed: dict[int, list[float]],
-        trials_done: int,
+        counts: TrialCounts,
         entries: dict[str, tuple[str, Recipe]],
         rows: list[HeldoutRow],
         spent: Mapping[int, int],
-        final_items: int,
         gate: Gate | None,
         choice: Choice,
     ) -> RunSummary:
@@ -290,12 +302,7 @@ class FinalComparison:
             best=best,
             ceiling=ModelScores(name=CEILING, heldout=scores[CEILING]) if CEILING in scores else None,
             gate=gate,
-            trials=TrialCounts(
-                complete=len(completed),
-                failed=trials_done - len(completed),
-                items=sum(spent.values()),
-                final_items=final_items,
-            ),
+            trials=counts,
             wall_s=time.monotonic() - self.started,
         )
 

@@ -53,6 +53,7 @@ class Gate(BaseModel):
 class TrialCounts(BaseModel):
     model_config = ConfigDict(extra="forbid")
     complete: int
+    stopped: int = 0  # by fitness rungs at a cheaper rung: scored, but on fewer items
     failed: int
     items: int  # what the search cost: items scored by every finished trial, failed ones included where known
     # What the final comparison cost on top: the tuning grids on the search split, selection and held-out scoring.
