@@ -140,7 +140,7 @@ SUMMARY = {
         "best_parent": "math-parent",
         "vs_parent": {"mean_diff": 0.3, "low": 0.2, "high": 0.4, "n": 150, "confidence": 0.95},
     },
-    "trials": {"complete": 40, "failed": 2, "items": 12300, "final_items": 4500},
+    "trials": {"complete": 40, "stopped": 3, "failed": 2, "items": 12300, "final_items": 4500},
     "wall_s": 123.5,
 }
 
