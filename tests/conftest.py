@@ -17,6 +17,21 @@ def toy_family():
     return build_family(size="test")
 
 
+@pytest.fixture(scope="module")
+def lm(toy_family):
+    """The toy base wrapped for lm-eval once per module, with the eval config that scored it (subset seed 1234)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluators import EvalConfig, hf_lm
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(toy_family.base)
+    tokenizer = AutoTokenizer.from_pretrained(toy_family.base)
+    config = EvalConfig(include_path=toy_family.tasks_dir, batch_size=64, subset_seed=1234)
+    return hf_lm(model, tokenizer, config), config
+
+
 def save_char_tokenizer(directory) -> None:
     """A minimal char-level tokenizer so the tiny family's checkpoints are complete HF model directories."""
     from tokenizers import Tokenizer, models, pre_tokenizers

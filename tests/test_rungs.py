@@ -6,11 +6,9 @@ import sqlite3
 import mlflow
 import numpy as np
 import pytest
-import torch
 from test_search_e2e import study_states, trial_items, write_config
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evaluators import EvalConfig, Evaluator, TaskSpec, hf_lm
+from evaluators import Evaluator, TaskSpec
 from merge_core.errors import InputError
 from search.cli import main
 from search.config import SearchConfig
@@ -47,15 +45,6 @@ def test_rungs_must_increase_and_end_at_the_fitness_limit(toy_family, tmp_path):
         config = write_config(tmp_path / "search.yml", toy_family, fitness=fitness)
         with pytest.raises(InputError, match=problem):
             SearchConfig.from_yaml(config)
-
-
-@pytest.fixture(scope="module")
-def lm(toy_family):
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(toy_family.base)
-    tokenizer = AutoTokenizer.from_pretrained(toy_family.base)
-    config = EvalConfig(include_path=toy_family.tasks_dir, batch_size=64, subset_seed=1234)
-    return hf_lm(model, tokenizer, config), config
 
 
 def scored_items(lm, task: str, **spec) -> tuple[list, list]:

@@ -7,13 +7,11 @@ import time
 import mlflow
 import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
 from test_final import BASE, CHILDREN, two_logged_trials
 from test_search_e2e import write_config
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evaluators import EvalConfig, Evaluator, TaskSpec, hf_lm
+from evaluators import Evaluator, TaskSpec
 from merge_core import Recipe
 from merge_core.errors import InputError
 from search.config import SearchConfig
@@ -29,15 +27,6 @@ from search.runner import run_search
 
 # What TaskSpec(task="toy_rev_search", limit=20) scored with subset seed 1234 before TaskSpec had an offset.
 FITNESS_ITEMS_BEFORE = [3, 13, 14, 16, 17, 28, 32, 46, 52, 55, 67, 71, 89, 90, 93, 103, 124, 154, 155, 156]
-
-
-@pytest.fixture(scope="module")
-def lm(toy_family):
-    torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(toy_family.base)
-    tokenizer = AutoTokenizer.from_pretrained(toy_family.base)
-    config = EvalConfig(include_path=toy_family.tasks_dir, batch_size=64, subset_seed=1234)
-    return hf_lm(model, tokenizer, config), config
 
 
 def item_ids(lm, task: str, **limits) -> list:
