@@ -5,7 +5,9 @@ default recipes and a tuned single λ, vs the parents — all on the held-out sp
         [--trials 60] [--rungs 25,75,200]
 
 Every variant gets the same item budget: what `--trials` full-fidelity candidates cost. A `+rungs` variant
-scores candidates with fitness.rungs (asynchronous successive halving), so it sees more candidates for it.
+scores candidates with fitness.rungs (asynchronous successive halving), so it sees more candidates for it; a
+`+coarse` variant sets optimizer.coarse_to_fine (the one-knob grid first, charged to the same budget). Every
+variant after the first is also compared with the first, paired on the same held-out items.
 
 Each seed builds (or reuses) its own demo family (family seed = search seed), since whether a base picks up a
 skill varies by seed. Per run it prints the best recipe's held-out average with its paired bootstrap CI
@@ -33,11 +35,15 @@ from search.runner import run_search
 
 def config_for(family_root: Path, variant: str, seed: int, trials: int, rungs: list[int], out: Path) -> Path:
     config = yaml.safe_load(DEMO_CONFIG.read_text().replace(FAMILY_PLACEHOLDER, str(family_root)))
-    optimizer, _, fidelity = variant.partition("+")
+    optimizer, *extras = variant.split("+")
+    unknown = set(extras) - {"rungs", "coarse"}
+    if unknown:
+        raise SystemExit(f"--optimizers: expected NAME[+rungs][+coarse], got {variant!r}")
     config["optimizer"]["name"] = optimizer
+    config["optimizer"]["coarse_to_fine"] = "coarse" in extras
     tasks = 3  # toy_search: one task per skill
     config["budget"] = {"trials": None, "item_evals": trials * config["fitness"]["limit"] * tasks}
-    if fidelity == "rungs":
+    if "rungs" in extras:
         config["fitness"]["rungs"] = rungs
     config["seed"] = seed
     config["output_dir"] = str(out / "run")
@@ -115,6 +121,15 @@ def main() -> None:
             reach = items_to_reach(curves[optimizer], target) if target is not None else None
             against = [max(parents, key=parents.get), *defaults]
             diffs = " | ".join(f"vs {name} {fmt(paired(items, best, name, seed))}" for name in against)
+            if optimizer != optimizers[0]:
+                first = RunDir(root / f"seed{seed}-{optimizers[0]}" / "run")
+                combined = {
+                    **items,
+                    "first": json.loads(first.heldout_items.read_text())[
+                        f"evolved #{summaries[optimizers[0]].best.trial}"
+                    ],
+                }
+                diffs += f" | vs {optimizers[0]} {fmt(paired(combined, best, 'first', seed))}"
             lines.append(
                 f"seed {seed}: {optimizer:>6} held-out avg {summary.best.heldout['average']:.3f} | {diffs} | "
                 f"search best {curves[optimizer][1][-1]:.3f} | items to reach random's final {reach} "

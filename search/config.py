@@ -145,6 +145,9 @@ class OptimizerConfig(Section):
     seed: int | None = None  # None: the top-level seed
     study_name: str = Field("search", min_length=1)
     warm_start: bool = True  # evaluate the method's default recipes first
+    # Stage 1 first: every one-knob merge of the genome's parameters (search/genome/coarse.py); CMA-ES then
+    # starts from the best one instead of the middle of the bounds.
+    coarse_to_fine: bool = False
 
 
 class TaskConfig(Section):

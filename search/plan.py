@@ -15,6 +15,7 @@ from search.execution.preflight import preflight, worker_spec
 from search.execution.worker import HELDOUT, SEARCH, CandidateWorker, Job
 from search.fitness.rungs import Rungs
 from search.genome import Genome
+from search.genome.coarse import coarse_grid, knob_values
 from search.optimizers import advice, check_fits
 from search.results import baselines
 
@@ -60,6 +61,7 @@ def plan_search(config_path: Path) -> str:
         f"genome        {genome.dim} genes ({config.merge.method}: {', '.join(config.genome.params)}), "
         f"{checked.num_layers} layers, bounds {np.round(genome.lower.min(), 3)}..{np.round(genome.upper.max(), 3)}",
         f"optimizer     {advice(config, genome)}",
+        f"start         {start_line(config, genome)}",
         f"objectives    {', '.join(f'{o.task} ({o.metric}, {o.direction})' for o in config.objectives)}",
         f"held out      {', '.join(t.task for t in config.held_out.tasks) or 'none'}",
         f"one candidate merge {steady.merge_s:.3f}s + {SEARCH} eval {steady.eval_s:.3f}s; worker start {load_s:.1f}s",
@@ -72,6 +74,17 @@ def plan_search(config_path: Path) -> str:
         f"(+ Ray and worker start ~{load_s + 10:.0f}s); planning took {time.perf_counter() - started:.0f}s",
     ]
     return "\n".join(lines)
+
+
+def start_line(config: SearchConfig, genome: Genome) -> str:
+    """What is asked before the optimizer's own proposals."""
+    defaults = len(genome.default_candidates()) if config.optimizer.warm_start else 0
+    said = f"the method's {defaults} default recipe(s) first" if defaults else "the optimizer's own proposals"
+    if not config.optimizer.coarse_to_fine:
+        return said
+    knobs = ", ".join(f"{name} {'/'.join(f'{v:g}' for v in values)}" for name, values in knob_values(genome).items())
+    then = "CMA-ES then starts from the best" if config.optimizer.name == "cmaes" else "the optimizer learns from them"
+    return f"coarse to fine: {len(coarse_grid(genome))} one-knob genomes ({knobs}) and {said}; {then}"
 
 
 def fidelity_line(rungs: Rungs, promote: float) -> str:

@@ -32,6 +32,7 @@ from search.fitness import Objectives
 from search.fitness.rungs import RUNG_FITNESS, Rungs
 from search.fitness.score_cache import ScoreCache, combine, recipe_key
 from search.genome import Genome
+from search.genome.coarse import coarse_grid
 from search.optimizers import Optimizer, check_fits, make_optimizer
 from search.optimizers.base import FINISHED, INTERRUPTED, ITEMS
 from search.progress import Progress
@@ -58,9 +59,11 @@ class Search:
         self.objectives = Objectives.of(config)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO ('A new study created') is no progress
         self.optimizer: Optimizer = make_optimizer(config, self.genome, self.run_dir, resume)
-        if not resume and config.optimizer.warm_start:
-            for x in self.genome.default_candidates():
-                self.optimizer.enqueue(x)
+        if not resume:
+            starts = coarse_grid(self.genome) if config.optimizer.coarse_to_fine else []
+            starts += self.genome.default_candidates() if config.optimizer.warm_start else []
+            for x in starts:
+                self.optimizer.enqueue(x)  # a genome already queued is skipped
         self.tracker = Tracker(config.tracking.mlflow_uri, config.tracking.experiment, self.run_dir.tracking)
         self.tracker.start(
             self.run_dir.path.name,

@@ -14,6 +14,8 @@ from merge_core.plan import plan_merge
 from merge_core.recipe import Recipe
 from search.config import SearchConfig
 from search.genome import Genome, anchor_stride
+from search.genome.coarse import coarse_grid, knob_values
+from search.plan import start_line
 
 FINE_TUNES = ["org/sort", "org/reverse"]
 
@@ -225,6 +227,39 @@ def test_default_candidates_are_the_textbook_recipes():
     assert set(slerp) == {0.5}
     clipped = make_genome(genome={"bounds": {"weight": [0.0, 0.8]}}).default_candidates()[0]
     assert _plan_values(make_genome(), clipped, "weight") == {ref: {0.8} for ref in FINE_TUNES}
+
+
+def test_coarse_grid_is_every_one_knob_merge_of_the_searched_parameters():
+    ties = make_genome()  # TIES normalizes weights: one shared weight is every shared weight
+    assert knob_values(ties) == {"weight": [1.0], "density": [0.3, 0.5, 0.7, 0.9]}
+    grid = coarse_grid(ties)
+    assert len(grid) == 4
+    for x, density in zip(grid, (0.3, 0.5, 0.7, 0.9), strict=True):
+        assert _plan_values(ties, x, "density") == {ref: {density} for ref in FINE_TUNES}
+        assert _plan_values(ties, x, "weight") == {ref: {1.0} for ref in FINE_TUNES}
+    unnormalized = make_genome(merge={"method": "ties", "parameters": {"normalize": False}})
+    assert knob_values(unnormalized)["weight"] == [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    assert len(coarse_grid(unnormalized)) == 6 * 4  # the first parameter varies slowest
+    assert _plan_values(unnormalized, coarse_grid(unnormalized)[4], "weight") == {ref: {0.2} for ref in FINE_TUNES}
+    task_arithmetic = make_genome(method="task_arithmetic")  # density is inert there: not searched
+    assert knob_values(task_arithmetic) == {"weight": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]}
+    assert knob_values(make_genome(method="slerp", fine_tunes=FINE_TUNES[:1])) == {"t": [0.1, 0.3, 0.5, 0.7, 0.9]}
+    clipped = make_genome(method="task_arithmetic", genome={"bounds": {"weight": [0.25, 0.6]}})
+    assert knob_values(clipped) == {"weight": [0.25, 0.3, 0.5, 0.6]}  # clipped into the bounds, once each
+    epsilon = make_genome(method="della_linear", genome={"params": ["epsilon"], "bounds": {"epsilon": [0.0, 0.3]}})
+    assert knob_values(epsilon) == {"epsilon": [0.15]}  # no grid: the method's default
+
+
+def test_plan_says_what_is_asked_before_the_optimizers_own_proposals():
+    ties = make_genome()
+    assert start_line(ties.config, ties) == "the method's 2 default recipe(s) first"
+    coarse = make_genome(optimizer={"coarse_to_fine": True, "warm_start": False})
+    assert start_line(coarse.config, coarse) == (
+        "coarse to fine: 4 one-knob genomes (weight 1, density 0.3/0.5/0.7/0.9) and the optimizer's own proposals; "
+        "CMA-ES then starts from the best"
+    )
+    tpe = make_genome(optimizer={"name": "tpe", "coarse_to_fine": True})
+    assert start_line(tpe.config, tpe).endswith("; the optimizer learns from them")
 
 
 def test_encode_uniform_per_model_values_and_bounds():

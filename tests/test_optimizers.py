@@ -218,11 +218,12 @@ def play(optimizer: Optimizer, ops: list[tuple[str, object]], reopen=None) -> li
     return asked
 
 
-def open_cma(run_dir: Path, resume: bool = False, layers: int = 2) -> Optimizer:
+def open_cma(run_dir: Path, resume: bool = False, layers: int = 2, coarse: bool = False) -> Optimizer:
     """CMA-ES with a population under 6 (so pycma asks selective mirrors) and sigma0 above its maxstd, a third
     of the range (so it adapts sigma_vec), over 2 + 2 * layers genes: the state a resume must carry in full."""
     data = make_genome("cmaes", seed=11, popsize=4).config.model_dump(mode="json")
     data["optimizer"]["sigma0"] = 0.5
+    data["optimizer"]["coarse_to_fine"] = coarse
     config = SearchConfig.from_dict(data, where="search.yml")
     names = NAMES[:3] + [
         f"model.layers.{i}.{p}.weight" for i in range(layers) for p in ("mlp.up_proj", "input_layernorm")
@@ -286,6 +287,50 @@ def test_cma_warm_start_after_selective_mirrors_is_told_to_pycma_as_itself(tmp_p
     assert [m.kind for m in members] == ["sampled", "warm_start", "sampled", "sampled"]  # after the mirror
     np.testing.assert_array_equal(trials[1].x, np.full(6, 0.75))
     np.testing.assert_allclose(optimizer._genome(members[1].z), trials[1].x, atol=1e-12)  # its z is the genome's
+
+
+def coarse_schedule(rounds: int, popsize: int) -> list[tuple[str, object]]:
+    """Three queued genomes (the middle one at the sphere's optimum), asked with a spare before any result;
+    the spare told first, then the coarse ones; then `rounds` generations asked and told in order."""
+    ops: list[tuple[str, object]] = [("enqueue", np.full(6, v)) for v in (0.9, TARGET, 0.6)]
+    ops += [("ask", None)] * 4 + [("tell", i) for i in (3, 0, 1, 2)]
+    for number in range(rounds):
+        first = 4 + number * popsize
+        ops += [("ask", None)] * popsize + [("tell", first + i) for i in range(popsize)]
+    return ops
+
+
+def test_cma_coarse_stage_is_asked_first_and_moves_the_mean_to_its_best(tmp_path: Path):
+    optimizer = open_cma(tmp_path, coarse=True)
+    start = optimizer.state.es.mean.copy()
+    asked = play(optimizer, coarse_schedule(0, optimizer.popsize))
+    kinds = [t.user_attrs["cma_kind"] for t in optimizer.study.get_trials()]
+    assert kinds == ["coarse"] * 3 + ["spare"]
+    np.testing.assert_array_equal(asked[:3], [np.full(6, v) for v in (0.9, TARGET, 0.6)])
+    es = optimizer.state.es
+    assert es.countiter == 0 and optimizer.state.centred  # pycma was told nothing: only its mean moved
+    np.testing.assert_allclose(es.boundary_handler.transform(es.mean), np.full(6, TARGET), atol=1e-12)
+    assert not np.allclose(start, es.mean)
+    trials = [optimizer.ask() for _ in range(optimizer.popsize)]
+    assert [m.kind for m in optimizer.state.generation] == ["sampled"] * optimizer.popsize
+    # sampled around the coarse winner: sigma 0.5 of the range, so only on average near it
+    assert abs(np.mean([t.x for t in trials]) - TARGET) < abs(np.mean(start) - TARGET)
+
+
+def test_cma_without_coarse_stage_injects_the_queue_into_its_first_generation(tmp_path: Path):
+    optimizer = open_cma(tmp_path)
+    for v in (0.9, TARGET):
+        optimizer.enqueue(np.full(6, v))
+    [optimizer.ask() for _ in range(optimizer.popsize)]
+    assert [m.kind for m in optimizer.state.generation] == ["warm_start"] * 2 + ["sampled"] * 2
+
+
+def test_cma_reopened_during_and_after_the_coarse_stage_asks_what_an_uninterrupted_run_asks(tmp_path: Path):
+    ops = coarse_schedule(4, 4)
+    expected = play(open_cma(tmp_path / "a", coarse=True), ops)
+    reopened = play(open_cma(tmp_path / "b", coarse=True), ops, lambda: open_cma(tmp_path / "b", True, coarse=True))
+    assert len(reopened) == len(expected) == 4 + 4 * 4
+    np.testing.assert_array_equal(reopened, expected)
 
 
 def test_cma_state_is_plain_json_data(tmp_path: Path):

@@ -9,7 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import cma
 import mlflow
+import numpy as np
+import optuna
 import pytest
 import torch
 import yaml
@@ -63,7 +66,10 @@ def trial_items(run_dir: Path) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def cmaes_run(toy_family, tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("cmaes") / "search.yml", toy_family)
+    # Coarse to fine: TIES' four one-knob densities and the uniform average (the other default is among them)
+    # are the first five trials; CMA-ES samples the sixth around the best of them.
+    directory = tmp_path_factory.mktemp("cmaes")
+    config = write_config(directory / "search.yml", toy_family, optimizer={"coarse_to_fine": True})
     summary = run_search(config)
     return config, summary
 
@@ -101,6 +107,23 @@ def test_cmaes_search_completes_and_reports(cmaes_run):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracking["parent_run_id"]]
     assert len(children) == 6
     assert all("toy_search" in r.data.metrics or r.data.tags["evomerge.status"] == "failed" for r in children)
+
+
+def test_the_coarse_stage_comes_first_and_cmaes_starts_from_its_best(cmaes_run):
+    config, _ = cmaes_run
+    run_dir = config.parent / "run"
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{run_dir / 'optuna.db'}")
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert [t.user_attrs["cma_kind"] for t in trials] == ["coarse"] * 5 + ["sampled"]
+    densities = [{v for k, v in t.params.items() if k.startswith("density")} for t in trials[:5]]
+    weights = [{v for k, v in t.params.items() if k.startswith("weight")} for t in trials[:5]]
+    assert densities == [{0.3}, {0.5}, {0.7}, {0.9}, {1.0}] and weights == [{1.0}] * 4 + [{1 / 3}]
+    best = max(trials[:5], key=lambda t: t.values[0])
+    state = json.loads((run_dir / "search.cmaes.json").read_text())
+    lower = [0.1 if name.startswith("density") else 0.0 for name in state["genes"]]  # the default bounds
+    unit = [(best.params[name] - low) / (1.0 - low) for name, low in zip(state["genes"], lower, strict=True)]
+    mean = cma.boundary_handler.BoundTransform([0, 1]).transform(np.array(state["strategy"]["mean"]))
+    np.testing.assert_allclose(mean, unit, atol=1e-12)  # pycma's mean, as a genome in [0, 1]^d
 
 
 def test_export_reproduces_the_scored_candidate_with_mergekit(cmaes_run, tmp_path):

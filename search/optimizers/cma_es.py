@@ -9,6 +9,10 @@
   after that are recorded in the study only.
 - Warm start: enqueued genomes are injected into the next generation (pycma `inject`, force) and handed
   out exactly as given; pycma asks them after its own directions (`DirectionData`), before samples.
+- Coarse to fine (optimizer.coarse_to_fine): the genomes queued before the first generation (stage 1's
+  one-knob grid, search/genome/coarse.py, and the warm starts) are handed out first as a "coarse" generation
+  that pycma is never told; once all are in, the strategy's mean moves to the best of them, as if it had
+  been started there, and sampling begins. So stage 2 starts where the best one-knob merge ends.
 - Determinism: pycma draws its normal samples from its `randn` option, by default numpy's global RNG; here
   it is the `randn` of the optimizer's own seeded RandomState, so the same seed gives the same asks whatever
   else uses np.random.
@@ -86,7 +90,7 @@ def _fields(es: cma.CMAEvolutionStrategy) -> dict[str, tuple[str, type]]:
 class Member:
     z: np.ndarray  # pycma's proposal in [0, 1]^d; told back to pycma as is
     x: np.ndarray  # the genome evaluated
-    kind: str = "sampled"  # "sampled", "warm_start" or "spare"
+    kind: str = "sampled"  # "sampled", "warm_start", "spare" or "coarse"
     number: int | None = None  # the study's trial number once handed out
     done: bool = False
     value: float | None = None  # the minimized objective; None for a failed candidate
@@ -101,6 +105,7 @@ class State:
     generation: list[Member] = field(default_factory=list)
     queue: list[np.ndarray] = field(default_factory=list)  # warm starts waiting for the next generation
     stale: dict[int, Member] = field(default_factory=dict)  # out when their generation was told
+    centred: bool = False  # the coarse stage is over (or was never asked for)
 
 
 # --- the state file ----------------------------------------------------------------------------------
@@ -115,7 +120,7 @@ class Data(BaseModel):
 class MemberData(Data):
     z: list[float]
     x: list[float]
-    kind: Literal["sampled", "warm_start", "spare"]
+    kind: Literal["sampled", "warm_start", "spare", "coarse"]
     number: int | None
     done: bool
     value: float | None
@@ -151,6 +156,7 @@ class StateData(Data):
     generation: list[MemberData]
     queue: list[list[float]]
     stale: list[MemberData]
+    centred: bool = True  # files written before coarse-to-fine existed never had a coarse stage
 
 
 def _snapshot(es: cma.CMAEvolutionStrategy, rng: np.random.RandomState) -> dict[str, Any]:
@@ -218,6 +224,7 @@ class CmaEs(Optimizer):
         self.sampler = study.sampler = GivenParams()
         self.checkpoint = Path(checkpoint)
         self.state = self._fresh(options, seed)
+        self.state.centred = not options.coarse_to_fine
         if self.checkpoint.exists():
             self._load()  # into the fresh strategy: its options give pycma's constants and shapes
         self._recover()
@@ -269,7 +276,12 @@ class CmaEs(Optimizer):
         waiting = next((m for m in generation if m.number is None), None)
         if waiting is not None:
             return waiting
+        if not generation and not self.state.centred and self.state.queue:
+            generation[:] = [Member(self._unit(x), x, kind="coarse") for x in self.state.queue]
+            self.state.queue.clear()
+            return generation[0]
         if not generation:
+            self.state.centred = True  # nothing was queued for a coarse stage
             generation[:] = self._sample(self.state.queue)
             return generation[0]
         generation.append(self._spare())
@@ -294,6 +306,10 @@ class CmaEs(Optimizer):
     def _tell_if_complete(self) -> None:
         generation = self.state.generation
         done = [m for m in generation if m.done]
+        if generation and generation[0].kind == "coarse":
+            if all(m.done for m in generation if m.kind == "coarse"):
+                self._centre(min(done, key=_rank_key))
+            return
         if len(done) < self.popsize:
             return
         # pycma uses only the ranks of what it is told: a candidate that stopped at a cheaper rung ranks below
@@ -301,6 +317,20 @@ class CmaEs(Optimizer):
         # Ties keep one rank, as equal values did (pycma reads a flat generation as a cue to widen its step).
         keys = [_rank_key(m) for m in done]
         self.state.es.tell([m.z for m in done], [float(sum(other < key for other in keys)) for key in keys])
+        self._next_generation()
+
+    def _centre(self, best: Member) -> None:
+        """End the coarse stage: the mean moves to its best candidate (left where it was if all failed)."""
+        es = self.state.es
+        if best.value is not None:
+            es.mean = es.boundary_handler.inverse(self._unit(best.x))
+            es.mean_old, es.mean_after_tell = es.mean.copy(), es.mean.copy()  # as a fresh strategy there has them
+        self.state.centred = True
+        self._next_generation()
+
+    def _next_generation(self) -> None:
+        """The current generation is over: snapshot the strategy the next one starts from."""
+        generation = self.state.generation
         self.state.start = _snapshot(self.state.es, self.state.rng)
         self.state.stale.update({m.number: m for m in generation if not m.done and m.number is not None})
         generation.clear()
@@ -346,6 +376,7 @@ class CmaEs(Optimizer):
             "generation": [_member_data(m) for m in state.generation],
             "queue": [x.tolist() for x in state.queue],
             "stale": [_member_data(m) for m in state.stale.values()],
+            "centred": state.centred,
         }
         write_atomically(self.checkpoint, json.dumps(data, allow_nan=False))  # a kill leaves the old file whole
 
@@ -356,6 +387,7 @@ class CmaEs(Optimizer):
         self._restore(data.strategy, data.directions, data.rng)
         state.queue = [self._genes(x, f"queue[{i}]") for i, x in enumerate(data.queue)]
         state.stale = {m.number: m for m in (self._member(m, f"stale[{i}]") for i, m in enumerate(data.stale))}
+        state.centred = data.centred
         self._replay([self._member(m, f"generation[{i}]") for i, m in enumerate(data.generation)])
 
     def _expect_this_search(self, data: StateData) -> None:
@@ -430,11 +462,14 @@ class CmaEs(Optimizer):
         if not stored:
             return
         population = len(stored) - sum(m.kind == "spare" for m in stored)
-        if population != self.popsize:
+        if stored[0].kind == "coarse":
+            asked = [Member(self._unit(m.x), m.x, kind="coarse") for m in stored if m.kind == "coarse"]
+        elif population != self.popsize:
             raise InputError(
                 self.checkpoint, "generation", f"expected {self.popsize} candidates besides spares, got {population}"
             )
-        asked = self._sample([m.x for m in stored if m.kind == "warm_start"])  # takes them all, as it did
+        else:
+            asked = self._sample([m.x for m in stored if m.kind == "warm_start"])  # takes them all, as it did
         asked += [self._spare() for m in stored if m.kind == "spare"]
         for i, (mine, again) in enumerate(zip(stored, asked, strict=True)):
             if not _same_candidate(mine, again):

@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from merge_core import Recipe
+from search.genome.coarse import DENSITY_GRID
 
 # Every grid point costs one evaluation on the search split, so the grids stay small (the README states them).
 LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-DENSITY_GRID = (0.3, 0.5, 0.7, 0.9)
 SCALE_GRID = (0.5, 0.75, 1.0)
 TUNED_SUFFIX = " (tuned on search)"
 KNOB_LABELS = {"density": "d", "weight": "w", "lam": "λ"}  # task_vectors keyword -> how entry names show it
