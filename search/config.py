@@ -192,6 +192,25 @@ class SelectionConfig(Section):
     top_k: int = Field(5, ge=1)  # candidates re-scored there: the best by search fitness, front members first
 
 
+TunedFamily = Literal["task_arithmetic", "ties", "dare_ties"]  # search/results/baselines.py: TUNED
+
+
+class BaselinesConfig(Section):
+    """The one-knob merges the report and the gate compare the evolved recipe with, each tuned over a small
+    grid on the search split after the search (search/results/baselines.py lists the grids: 10, 12 and 12
+    points). Every point is one evaluation on the search split; a long run on a large model may keep fewer."""
+
+    tuned: list[TunedFamily] = ["task_arithmetic", "ties", "dare_ties"]
+
+    @field_validator("tuned")
+    @classmethod
+    def _distinct(cls, tuned: list[str]) -> list[str]:
+        for index, name in enumerate(tuned):
+            if name in tuned[:index]:
+                raise FieldProblem(f"[{index}]", f"expected each family once, got {name!r} twice")
+        return tuned
+
+
 class HeldOutConfig(Section):
     tasks: list[TaskConfig] = []
     limit: int | None = Field(None, ge=1)
@@ -287,6 +306,7 @@ class SearchConfig(Section):
     fitness: FitnessConfig = FitnessConfig()
     selection: SelectionConfig | None = None  # None: the winner is chosen on the search scores
     held_out: HeldOutConfig = HeldOutConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     budget: BudgetConfig = BudgetConfig()
     execution: ExecutionConfig = ExecutionConfig()

@@ -52,8 +52,9 @@ def plan_search(config_path: Path) -> str:
     # After the search: the tuning grids and the parents on the search split, then the parents, the default and
     # tuned baselines and (say) 3 front members held out.
     base, children = config.models.base, list(config.models.fine_tunes)
-    grids = sum(len(family.candidates(base, children)) for family in baselines.TUNED)
-    parents, references = 1 + len(children), len(baselines.default_baselines(base, children)) + len(baselines.TUNED)
+    tuned = config.baselines.tuned
+    grids = sum(len(baselines.TUNED[name].candidates(base, children)) for name in tuned)
+    parents, references = 1 + len(children), len(baselines.default_baselines(base, children)) + len(tuned)
     final_s = (grids + parents) * full_s / workers
     final_s += (parents + references + 3) * (steady.merge_s + heldout_s) / workers
     lines = [

@@ -1,5 +1,6 @@
 """search.yml: a minimal config works, every bad one is refused with ONE line naming the file and the field."""
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import yaml
 
 from evaluators.config import EvalConfig
 from merge_core.errors import InputError
-from search.config import SearchConfig
+from search.config import SearchConfig, TunedFamily
+from search.results import baselines
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = """\
@@ -179,6 +181,12 @@ HOSTILE = [
     ("seed", "x", "seed: expected an integer, got 'x'"),
     ("trust_remote_code", "yes", "trust_remote_code: expected true or false, got 'yes'"),
     ("genome", [1], "genome: expected a mapping, got [1]"),
+    ("baselines.tuned", ["ties", "ties"], "baselines.tuned[1]: expected each family once, got 'ties' twice"),
+    (
+        "baselines.tuned",
+        ["linear"],
+        "baselines.tuned[0]: expected one of 'task_arithmetic', 'ties' or 'dare_ties', got 'linear'",
+    ),
 ]
 
 
@@ -248,3 +256,8 @@ def test_demo_config_loads_once_the_family_is_filled_in(tmp_path: Path):
     assert [spec.task for spec in config.held_out_specs()] == ["toy_srt_test", "toy_rev_test", "toy_cae_test"]
     with pytest.raises(InputError, match=r"demo.yml: models.base: expected a local directory or a hub id"):
         SearchConfig.from_yaml(ROOT / "configs" / "demo.yml")  # {family} not filled in
+
+
+def test_every_tunable_family_has_a_grid(config_dir: Path):
+    assert list(typing.get_args(TunedFamily)) == list(baselines.TUNED)
+    assert SearchConfig.from_yaml(write(config_dir, MINIMAL)).baselines.tuned == list(baselines.TUNED)

@@ -39,6 +39,9 @@ def write_config(path: Path, family, **overrides) -> Path:
         "evaluation": {"include_path": str(family.tasks_dir), "batch_size": 128},
         "optimizer": {"name": "cmaes", "popsize": 4},
         "budget": {"trials": 6},
+        # Tuning the reference families costs 34 search-split evaluations, most of a test search's time: only the
+        # tests of those references ask for them.
+        "baselines": {"tuned": []},
         "execution": {"workers": 1, "trial_timeout": 300},
         "output_dir": str(path.parent / "run"),
         "seed": 3,
@@ -69,7 +72,8 @@ def cmaes_run(toy_family, tmp_path_factory):
     # Coarse to fine: TIES' four one-knob densities and the uniform average (the other default is among them)
     # are the first five trials; CMA-ES samples the sixth around the best of them.
     directory = tmp_path_factory.mktemp("cmaes")
-    config = write_config(directory / "search.yml", toy_family, optimizer={"coarse_to_fine": True})
+    tuned = {"tuned": ["task_arithmetic", "ties", "dare_ties"]}
+    config = write_config(directory / "search.yml", toy_family, optimizer={"coarse_to_fine": True}, baselines=tuned)
     summary = run_search(config)
     return config, summary
 
@@ -188,10 +192,13 @@ def test_other_optimizers(optimizer, objectives, toy_family, tmp_path):
         optimizer={"name": optimizer, "popsize": 4},
         budget={"trials": 5},
         held_out={"tasks": [{"task": toy_family.test_tasks["srt"], "metric": "acc"}], "limit": 30},
+        baselines={"tuned": ["task_arithmetic"]},
     )
     summary = run_search(config)
     assert summary.trials.complete == 5
     assert summary.front and all(len(m.search) == len(tasks) for m in summary.front)
+    tuned = [b.name for b in summary.baselines if b.name.endswith("(tuned on search)")]
+    assert len(tuned) == 1 and tuned[0].startswith("task arithmetic λ=")  # only the family asked for
 
 
 def test_failing_candidates_are_recorded_and_the_search_goes_on(toy_family, tmp_path):

@@ -65,7 +65,7 @@ TASK_ARITHMETIC = Family("task arithmetic", "task_arithmetic", {"lam": LAMBDA_GR
 TIES = Family("ties", "ties", {"density": DENSITY_GRID, "lam": SCALE_GRID})
 # DARE-TIES does not normalize: the shared weight scales the merged task vector. Random drops use the search's seed.
 DARE_TIES = Family("dare-ties", "dare_ties", {"density": DENSITY_GRID, "weight": SCALE_GRID})
-TUNED = (TASK_ARITHMETIC, TIES, DARE_TIES)  # each tuned on the search split by mean fitness
+TUNED = {family.method: family for family in (TASK_ARITHMETIC, TIES, DARE_TIES)}  # by baselines.tuned's names
 
 
 def default_baselines(base: str, children: list[str]) -> dict[str, Recipe]:

@@ -1,7 +1,7 @@
 """After the search: the front, every parent and the reference recipes scored on the held-out split.
 
 The steps, in order (each a method, so a new report row or reference recipe has one obvious place):
-1. tune             every family of baselines.TUNED over its grid, and the parents, on the SEARCH split
+1. tune             every family of config baselines.tuned over its grid, and the parents, on the SEARCH split
 2. choose           the recommended evolved recipe: the front's best on the search split or, with a selection
                     split, the best there of the top_k by search fitness (select: one batch with the parents
                     and the tuned baselines, since the search items are the ones every optimizer step fitted)
@@ -134,7 +134,7 @@ class FinalComparison:
         references without a selection split). Each family keeps its grid point of highest mean fitness; failed
         points drop out."""
         base, children = self.config.models.base, list(self.config.models.fine_tunes)
-        grids = [family.candidates(base, children) for family in baselines.TUNED]
+        grids = [baselines.TUNED[name].candidates(base, children) for name in self.config.baselines.tuned]
         parents = self.parents()
         results = self.evaluate(parents | {name: recipe for grid in grids for name, recipe in grid.items()}, SEARCH)
         fitness = self.fitness(results)
