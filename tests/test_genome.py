@@ -231,12 +231,12 @@ def test_default_candidates_are_the_textbook_recipes():
 
 def test_coarse_grid_is_every_one_knob_merge_of_the_searched_parameters():
     ties = make_genome()  # TIES normalizes weights: one shared weight is every shared weight
-    assert knob_values(ties) == {"weight": [1.0], "density": [0.3, 0.5, 0.7, 0.9]}
+    assert knob_values(ties) == {"weight": [0.5], "density": [0.3, 0.5, 0.7, 0.9]}  # the middle of [0, 1]
     grid = coarse_grid(ties)
     assert len(grid) == 4
     for x, density in zip(grid, (0.3, 0.5, 0.7, 0.9), strict=True):
         assert _plan_values(ties, x, "density") == {ref: {density} for ref in FINE_TUNES}
-        assert _plan_values(ties, x, "weight") == {ref: {1.0} for ref in FINE_TUNES}
+        assert _plan_values(ties, x, "weight") == {ref: {0.5} for ref in FINE_TUNES}
     unnormalized = make_genome(merge={"method": "ties", "parameters": {"normalize": False}})
     assert knob_values(unnormalized)["weight"] == [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
     assert len(coarse_grid(unnormalized)) == 6 * 4  # the first parameter varies slowest
@@ -255,7 +255,7 @@ def test_plan_says_what_is_asked_before_the_optimizers_own_proposals():
     assert start_line(ties.config, ties) == "the method's 2 default recipe(s) first"
     coarse = make_genome(optimizer={"coarse_to_fine": True, "warm_start": False})
     assert start_line(coarse.config, coarse) == (
-        "coarse to fine: 4 one-knob genomes (weight 1, density 0.3/0.5/0.7/0.9) and the optimizer's own proposals; "
+        "coarse to fine: 4 one-knob genomes (weight 0.5, density 0.3/0.5/0.7/0.9) and the optimizer's own proposals; "
         "CMA-ES then starts from the best"
     )
     tpe = make_genome(optimizer={"name": "tpe", "coarse_to_fine": True})

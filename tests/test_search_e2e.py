@@ -69,11 +69,13 @@ def trial_items(run_dir: Path) -> dict[int, int]:
 
 @pytest.fixture(scope="module")
 def cmaes_run(toy_family, tmp_path_factory):
-    # Coarse to fine: TIES' four one-knob densities and the uniform average (the other default is among them)
-    # are the first five trials; CMA-ES samples the sixth around the best of them.
+    # Coarse to fine: TIES' four one-knob densities (at the middle weight: TIES normalizes it away), then both
+    # default recipes, are the first six trials; the seventh is CMA-ES's, around the best of them.
     directory = tmp_path_factory.mktemp("cmaes")
     tuned = {"tuned": ["task_arithmetic", "ties", "dare_ties"]}
-    config = write_config(directory / "search.yml", toy_family, optimizer={"coarse_to_fine": True}, baselines=tuned)
+    config = write_config(
+        directory / "search.yml", toy_family, optimizer={"coarse_to_fine": True}, baselines=tuned, budget={"trials": 7}
+    )
     summary = run_search(config)
     return config, summary
 
@@ -81,7 +83,7 @@ def cmaes_run(toy_family, tmp_path_factory):
 def test_cmaes_search_completes_and_reports(cmaes_run):
     config, summary = cmaes_run
     run_dir = config.parent / "run"
-    assert summary.trials.complete + summary.trials.failed == 6
+    assert summary.trials.complete + summary.trials.failed == 7
     assert list(study_states(run_dir).values()).count("COMPLETE") == summary.trials.complete >= 5
     assert summary.best is not None and summary.best.search["toy_search"] >= max(
         m.search["toy_search"] for m in summary.front
@@ -109,7 +111,7 @@ def test_cmaes_search_completes_and_reports(cmaes_run):
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow.db'}")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tracking["parent_run_id"]]
-    assert len(children) == 6
+    assert len(children) == 7
     assert all("toy_search" in r.data.metrics or r.data.tags["evomerge.status"] == "failed" for r in children)
 
 
@@ -118,11 +120,11 @@ def test_the_coarse_stage_comes_first_and_cmaes_starts_from_its_best(cmaes_run):
     run_dir = config.parent / "run"
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{run_dir / 'optuna.db'}")
     trials = sorted(study.get_trials(), key=lambda t: t.number)
-    assert [t.user_attrs["cma_kind"] for t in trials] == ["coarse"] * 5 + ["sampled"]
-    densities = [{v for k, v in t.params.items() if k.startswith("density")} for t in trials[:5]]
-    weights = [{v for k, v in t.params.items() if k.startswith("weight")} for t in trials[:5]]
-    assert densities == [{0.3}, {0.5}, {0.7}, {0.9}, {1.0}] and weights == [{1.0}] * 4 + [{1 / 3}]
-    best = max(trials[:5], key=lambda t: t.values[0])
+    assert [t.user_attrs["cma_kind"] for t in trials] == ["coarse"] * 6 + ["sampled"]
+    densities = [{v for k, v in t.params.items() if k.startswith("density")} for t in trials[:6]]
+    weights = [{v for k, v in t.params.items() if k.startswith("weight")} for t in trials[:6]]
+    assert densities == [{0.3}, {0.5}, {0.7}, {0.9}, {0.5}, {1.0}] and weights == [{0.5}] * 4 + [{1.0}, {1 / 3}]
+    best = max(trials[:6], key=lambda t: t.values[0])
     state = json.loads((run_dir / "search.cmaes.json").read_text())
     lower = [0.1 if name.startswith("density") else 0.0 for name in state["genes"]]  # the default bounds
     unit = [(best.params[name] - low) / (1.0 - low) for name, low in zip(state["genes"], lower, strict=True)]

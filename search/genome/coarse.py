@@ -3,7 +3,9 @@
 Each searched parameter takes the values of its grid below (clipped into the genome's bounds), the same for
 every layer, module and fine-tune; the stage is every combination. Parameters without a grid keep the
 method's default (the bounds' midpoint where it has none). A weight the method normalizes away (TIES, linear
-with `normalize`: a weight shared by all fine-tunes cancels) is not gridded: every value would be one model.
+with `normalize`: a weight shared by all fine-tunes cancels) is not gridded, since every value is one model: it
+sits at the middle of its bounds, where CMA-ES started from the best has room both ways (at a bound, half of
+its samples would be folded back).
 
 The search evaluates these first (`optimizer.coarse_to_fine`), charged to its budget like any trial; CMA-ES
 then starts its per-layer, per-module search from the best of them, the other optimizers learn from them as
@@ -25,7 +27,6 @@ KNOB_GRIDS = {
     "t": (0.1, 0.3, 0.5, 0.7, 0.9),
     "lambda": (0.25, 0.5, 0.75, 1.0),
 }
-NORMALIZED_WEIGHT = 1.0  # the one weight a normalizing method is given
 
 
 def knob_values(genome: Genome) -> dict[str, list[float]]:
@@ -37,7 +38,7 @@ def knob_values(genome: Genome) -> dict[str, list[float]]:
     for name in config.genome.params:
         low, high = config.bounds(name)
         if name == "weight" and normalizes:
-            grid = (NORMALIZED_WEIGHT,)
+            grid = ((low + high) / 2,)
         else:
             default = method.param(name).default
             grid = KNOB_GRIDS.get(name, ((low + high) / 2 if default is None else default,))
