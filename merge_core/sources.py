@@ -5,12 +5,13 @@ loading a model can never execute pickled code.
 """
 
 import json
+import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_core.errors import InputError
@@ -21,6 +22,14 @@ PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
 # What a merge needs from a hub repo: weights, configs and tokenizer files, nothing else.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+# safetensors header dtype names (safetensors' Dtype enum) -> torch
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 
 
 @dataclass
@@ -31,6 +40,7 @@ class CheckpointInfo:
     path: Path  # local directory holding its files
     config: dict  # config.json
     shapes: dict[str, tuple[int, ...]]  # every weight's shape, in checkpoint order
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # every weight's dtype, as stored
 
     @property
     def vocab_size(self) -> int | None:
@@ -96,20 +106,46 @@ def read_info(ref: str) -> CheckpointInfo:
     """Config and shapes only: safetensors headers are read, .bin files must be loaded (weights_only)."""
     path, config = read_config(ref)
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for file in weight_files(path):
         if file.suffix != ".safetensors":
-            shapes.update({name: tuple(t.shape) for name, t in read_tensors(file, "cpu").items()})
+            tensors = read_tensors(file, "cpu")
+            shapes.update({name: tuple(t.shape) for name, t in tensors.items()})
+            dtypes.update({name: t.dtype for name, t in tensors.items()})
             continue
-        try:
-            with safe_open(file, "pt") as handle:
-                shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})  # noqa: SIM118
-        except FileNotFoundError:
-            raise InputError(file, None, "weight file listed in the index is missing") from None
-        except Exception as err:  # noqa: BLE001 - corrupt headers must not end in a traceback
-            raise InputError(file, None, f"cannot read weights ({type(err).__name__}: {err})") from None
+        for name, (shape, dtype) in read_safetensors_header(file).items():
+            shapes[name], dtypes[name] = shape, dtype
     if not shapes:
         raise InputError(ref, None, "the checkpoint holds no tensors")
-    return CheckpointInfo(ref=ref, path=path, config=config, shapes=shapes)
+    return CheckpointInfo(ref=ref, path=path, config=config, shapes=shapes, dtypes=dtypes)
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Each tensor's shape and dtype from a safetensors file's header (a little-endian u64 length, then JSON),
+    reading only those bytes: no mapping of the file, so a header describing 140 GB costs what one of 1 MB
+    does. A header whose tensors run past the end of the file (a truncated download) is refused."""
+    try:
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(handle.read(length))
+            size = os.fstat(handle.fileno()).st_size
+        header.pop("__metadata__", None)
+        tensors = {
+            name: (tuple(int(n) for n in entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
+            for name, entry in header.items()
+        }
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except FileNotFoundError:
+        raise InputError(file, None, "weight file listed in the index is missing") from None
+    except Exception as err:  # noqa: BLE001 - corrupt headers must not end in a traceback
+        raise InputError(file, None, f"cannot read weights ({type(err).__name__}: {err})") from None
+    if 8 + length + end > size:
+        raise InputError(
+            file, None, f"cannot read weights: the header needs {8 + length + end} bytes, the file has {size}"
+        )
+    return tensors
 
 
 def load_checkpoint(ref: str, device: str = "cpu") -> Checkpoint:
@@ -120,7 +156,8 @@ def load_checkpoint(ref: str, device: str = "cpu") -> Checkpoint:
     if not tensors:
         raise InputError(ref, None, "the checkpoint holds no tensors")
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    return Checkpoint(ref=ref, path=path, config=config, shapes=shapes, tensors=tensors)
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    return Checkpoint(ref=ref, path=path, config=config, shapes=shapes, dtypes=dtypes, tensors=tensors)
 
 
 def check_compatible(checkpoints: Sequence[CheckpointInfo]) -> None:

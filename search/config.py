@@ -53,6 +53,21 @@ def _seconds(value: Any) -> Any:
 
 
 Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
+BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+BYTE_UNITS |= {"tib": 2**40}
+
+
+def _bytes(value: Any) -> Any:
+    """Sizes are bytes, or a number with a unit: '80GB', '141 GiB', '512MB'."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*", value, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"expected bytes or a size like '80GB' or '141GiB', got {shown(value)}")
+    return int(float(match[1]) * BYTE_UNITS[match[2].lower()])
+
+
+Bytes = Annotated[int, BeforeValidator(_bytes), Field(gt=0)]
 
 
 class Section(BaseModel):
@@ -263,6 +278,9 @@ class ExecutionConfig(Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     trial_timeout: Seconds = 3600.0
     device: str = "auto"
+    # What one worker's device has (a cluster GPU's memory, or a node's RAM for CPU workers); None: read from
+    # this machine for a local run, unchecked on a cluster. `evomerge plan` and every run check against it.
+    device_memory: Bytes | None = None
 
     @field_validator("ray_address")
     @classmethod

@@ -65,6 +65,7 @@ def plan_search(config_path: Path) -> str:
         f"start         {start_line(config, genome)}",
         f"objectives    {', '.join(f'{o.task} ({o.metric}, {o.direction})' for o in config.objectives)}",
         f"held out      {', '.join(t.task for t in config.held_out.tasks) or 'none'}",
+        *checked.memory.lines(),
         f"one candidate merge {steady.merge_s:.3f}s + {SEARCH} eval {steady.eval_s:.3f}s; worker start {load_s:.1f}s",
         f"budget        {budget.trials or '∞'} trials, wall time {budget.wall_time or '∞'} s, "
         f"{budget.item_evals or '∞'} items, {workers} worker(s)",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from merge_core import Recipe
@@ -54,6 +55,15 @@ def test_plan_validates_times_and_projects_without_a_run_dir(toy_family, tmp_pat
     advice = f"cmaes ({genes} genes): CMA-ES adapts a full covariance; at {genes} genes gp would also fit"
     assert lines["optimizer"] == f"optimizer     {advice}"
     assert "50 trials" in lines["budget"] and "projected" in lines
+    # Four float32 sources, TIES' task vectors (float32) and ranks (int32) of three fine-tunes, the live model.
+    models = [toy_family.base, *toy_family.children.values()]
+    weights = [load_file(model / "model.safetensors") for model in models]
+    sources, one = sum(t.nbytes for w in weights for t in w.values()), sum(t.nbytes for t in weights[0].values())
+    prepared = 3 * one * 2  # per fine-tune and element: a float32 task vector and an int32 rank
+    assert lines["memory"].startswith(
+        f"memory        cpu: sources {sources / 1e6:.1f} MB + task vectors and ranks {prepared / 1e6:.1f} MB + "
+        f"live model {one / 1e6:.1f} MB"
+    )
     timing = re.fullmatch(r"one candidate merge (\S+)s \+ search eval (\S+)s; worker start (\S+)s", lines["one"])
     assert timing and all(float(seconds) > 0 for seconds in timing.groups()), lines["one"]
     assert not (tmp_path / "run").exists()  # planning starts nothing and writes nothing

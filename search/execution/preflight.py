@@ -2,7 +2,8 @@
 
 Whatever can be wrong before the first trial is found here, as one InputError line: sources that do not fit
 together, tasks and metrics that do not resolve (or that rungs cannot average), held-out tasks inside objective groups,
-objective tasks too small for their rungs and selection items, a device this machine does not have.
+objective tasks too small for their rungs and selection items, a device this machine does not have, weights
+that do not fit in it (execution/memory.py).
 """
 
 import os
@@ -15,6 +16,7 @@ from merge_core import architecture
 from merge_core.errors import InputError
 from merge_core.sources import check_compatible, read_info
 from search.config import SearchConfig
+from search.execution.memory import MemoryPlan, check_memory, plan_memory
 from search.execution.worker import WorkerSpec
 
 Sizes = dict[str, dict[str, int]]  # Evaluator.sizes(): spec task -> the tasks it resolves to -> their items
@@ -24,19 +26,22 @@ Sizes = dict[str, dict[str, int]]  # Evaluator.sizes(): spec task -> the tasks i
 class Preflight:
     tensor_names: list[str]
     num_layers: int
+    memory: MemoryPlan
 
 
 def preflight(config: SearchConfig) -> Preflight:
     check_device(config)
     infos = [read_info(ref) for ref in [config.models.base, *config.models.fine_tunes]]
     check_compatible(infos)
+    memory = plan_memory(config, infos)
+    check_memory(config, memory)
     names = list(infos[0].shapes)
     # The first rung's part: binding it checks the metric averages items, which rungs need (the same sizes).
     searched = Evaluator(config.eval_config(), config.search_parts()[0]).sizes()
     held_out = Evaluator(config.eval_config(), config.held_out_specs()).sizes() if config.held_out.tasks else {}
     check_held_out(config, searched, held_out)
     check_items(config, searched)
-    return Preflight(tensor_names=names, num_layers=architecture.num_layers(names))
+    return Preflight(tensor_names=names, num_layers=architecture.num_layers(names), memory=memory)
 
 
 def check_held_out(config: SearchConfig, searched: Sizes, held_out: Sizes) -> None:

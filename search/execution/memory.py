@@ -1,0 +1,156 @@
+"""Will the run fit? What each worker keeps resident, how many workers share a device, against what it has.
+
+From safetensors headers and config.json only (merge_core.memory, evaluators.memory), so a 70B family is
+planned without loading it. Per worker, resident for the whole run:
+    sources, casts, prepared    its MergeSession (merge_core/memory.py)
+    live model                  the model candidates are written into, in the evaluation dtype
+plus, while it scores, the evaluation workspace (an upper bound: a warning, never a refusal). Each worker
+loads its own sources, so workers sharing a device (several on one host, or fractional GPUs) multiply it.
+"""
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from evaluators.memory import Workspace, workspace
+from merge_core.errors import InputError
+from merge_core.memory import session_bytes, tensor_bytes
+from merge_core.sources import CheckpointInfo
+from search.config import SearchConfig
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str  # where a worker's weights live: "cpu" (the host's memory) or "cuda:N"
+    sharing: int  # workers holding their own copy on one such device
+    terms: dict[str, int]  # per worker, resident for the run: term -> bytes
+    workspace: Workspace
+    available: int | None  # bytes the device has; None: unknown (a cluster's, when the config does not say)
+
+    @property
+    def per_worker(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def resident(self) -> int:
+        return self.sharing * self.per_worker
+
+    def lines(self) -> list[str]:
+        """`evomerge plan`'s memory lines."""
+        terms = " + ".join(f"{name} {gb(size)}" for name, size in self.terms.items())
+        has = "unknown (set execution.device_memory)" if self.available is None else gb(self.available)
+        shared = f" × {self.sharing} workers" if self.sharing > 1 else ""
+        lines = [
+            f"memory        {self.device}: {terms} = {gb(self.per_worker)} per worker{shared}; "
+            f"{gb(self.resident)} resident of {has}",
+            f"workspace     scoring: up to {gb(self.workspace.bytes)} more per worker (batch {self.workspace.batch} "
+            f"× {self.workspace.tokens} tokens, logits, KV cache and the widest activation: an upper bound)",
+        ]
+        peak = self.resident + self.sharing * self.workspace.bytes
+        if self.available is not None and self.resident <= self.available < peak:
+            lines.append(
+                f"warning       a batch padded to {self.workspace.tokens} tokens would not fit: if scoring runs out "
+                "of memory, lower evaluation.batch_size or model_args.max_length"
+            )
+        return lines
+
+
+def gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def plan_memory(config: SearchConfig, infos: list[CheckpointInfo]) -> MemoryPlan:
+    method = config.merge.spec
+    merge_dtype = TORCH_DTYPES.get(config.merge.dtype) if config.merge.dtype else None
+    session = session_bytes(infos, method, merge_dtype, config.models.base)
+    skeleton = infos[0]  # the base: the live model's architecture
+    eval_dtype = TORCH_DTYPES.get(config.evaluation.dtype)  # None for 'auto': the checkpoint's own
+    terms = {"sources": session.sources}
+    if session.casts:
+        terms["merge-dtype casts"] = session.casts
+    if session.prepared:
+        terms["task vectors and ranks"] = session.prepared
+    terms["live model"] = tensor_bytes(skeleton, eval_dtype)
+    itemsize = (eval_dtype or Counter(skeleton.dtypes.values()).most_common(1)[0][0]).itemsize
+    max_length = config.evaluation.model_args.get("max_length")
+    scoring = workspace(skeleton.config, config.evaluation.batch_size, max_length, itemsize)
+    device = worker_device(config)
+    return MemoryPlan(device, sharing(config, device), terms, scoring, available(config, device))
+
+
+def worker_device(config: SearchConfig) -> str:
+    """The device a worker's weights will live on, as the worker resolves 'auto'."""
+    execution = config.execution
+    if execution.device != "auto":
+        return execution.device if execution.device != "cuda" else "cuda:0"
+    local = execution.ray_address == "local"
+    gpu = torch.cuda.is_available() if local else execution.gpus_per_worker > 0
+    return "cuda:0" if gpu else "cpu"
+
+
+def sharing(config: SearchConfig, device: str) -> int:
+    """Workers that hold their own copy on one device: every local CPU worker shares the host; fractional GPUs
+    share a GPU. On a cluster each CPU worker is counted alone (Ray spreads them over nodes)."""
+    execution = config.execution
+    if device == "cpu":
+        return execution.workers if execution.ray_address == "local" else 1
+    fraction = execution.gpus_per_worker
+    return min(execution.workers, int(1 / fraction)) if 0 < fraction < 1 else 1
+
+
+def available(config: SearchConfig, device: str) -> int | None:
+    if config.execution.device_memory is not None:
+        return int(config.execution.device_memory)
+    if config.execution.ray_address != "local":
+        return None  # another machine's
+    if device == "cpu":
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
+
+
+def check_memory(config: SearchConfig, plan: MemoryPlan) -> None:
+    """Refuse a run whose resident weights exceed the device, naming the biggest term and what would fit."""
+    if plan.available is None or plan.resident <= plan.available:
+        return
+    has, device = gb(plan.available), plan.device
+    if plan.sharing > 1 and plan.per_worker <= plan.available:
+        fit = plan.available // plan.per_worker
+        field = "execution.workers" if device == "cpu" else "execution.gpus_per_worker"
+        advice = f"{plan.sharing} workers on {device} each hold their own {gb(plan.per_worker)}: at most {fit} fit"
+    else:
+        term, size = max(plan.terms.items(), key=lambda item: item[1])
+        field, advice = ADVICE[term](config)
+        advice = f"the biggest term is {term}, {gb(size)}: {advice}"
+    raise InputError(
+        config.where, field, f"expected the run to fit in the {has} of {device}, got {gb(plan.resident)}; {advice}"
+    )
+
+
+ADVICE = {
+    "sources": lambda c: (
+        "models.fine_tunes",
+        f"the {1 + len(c.models.fine_tunes)} models' weights alone: fewer fine-tunes, or a device with more memory",
+    ),
+    "merge-dtype casts": lambda c: (
+        "merge.dtype",
+        f"every source is copied to {c.merge.dtype}: merge in the sources' own dtype (leave merge.dtype out)",
+    ),
+    "task vectors and ranks": lambda c: (
+        "merge.method",
+        f"{c.merge.method} keeps every fine-tune's task vector (and magnitude ranks) resident: fewer fine-tunes, "
+        "or a method without that state (linear, slerp)",
+    ),
+    "live model": lambda c: (
+        "evaluation.dtype",
+        f"the live model in {c.evaluation.dtype}: evaluate in the sources' own dtype (evaluation.dtype: auto)",
+    ),
+}
