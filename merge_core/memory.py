@@ -26,6 +26,9 @@ class SessionBytes:
     sources: int
     casts: int
     prepared: int
+    # The most casts + prepared state of any one tensor: what a lean session (which keeps neither) holds at
+    # once while it merges that tensor.
+    largest_tensor: int
 
     @property
     def total(self) -> int:
@@ -49,25 +52,26 @@ def session_bytes(
 ) -> SessionBytes:
     """What a session that loaded `infos` keeps resident once every tensor has been merged once. `base`: the
     base model's ref, loaded even where the method ignores it (a search's live model is built from it)."""
-    sources = sum(tensor_bytes(info) for info in infos)
     uses_base = method.base != "ignored"
     merged = [info for info in infos if uses_base or info.ref != base]
-    casts = sum(
-        numel(shape) * merge_dtype.itemsize
-        for info in merged
-        for name, shape in info.shapes.items()
-        if merge_dtype is not None and info.dtypes[name] != merge_dtype
-    )
-    prepared, per_element = 0, {}
-    if method.prepare is not None:
-        reference = infos[0]
-        others = len(merged) - uses_base  # the models a task vector is taken of
-        for name, shape in reference.shapes.items():
-            dtype = merge_dtype or reference.dtypes[name]
+    others = len(merged) - uses_base  # the models a task vector is taken of
+    per_element: dict[torch.dtype, float] = {}  # prepared bytes per element, by merge dtype
+    casts = prepared = largest = 0
+    for name, shape in infos[0].shapes.items():
+        count = numel(shape)
+        cast = sum(
+            count * merge_dtype.itemsize
+            for info in merged
+            if merge_dtype is not None and info.dtypes[name] != merge_dtype
+        )
+        state = 0
+        if method.prepare is not None:
+            dtype = merge_dtype or infos[0].dtypes[name]
             if dtype not in per_element:
                 per_element[dtype] = prepared_bytes_per_element(method, dtype, others)
-            prepared += round(numel(shape) * per_element[dtype])
-    return SessionBytes(sources, casts, prepared)
+            state = round(count * per_element[dtype])
+        casts, prepared, largest = casts + cast, prepared + state, max(largest, cast + state)
+    return SessionBytes(sum(tensor_bytes(info) for info in infos), casts, prepared, largest)
 
 
 def prepared_bytes_per_element(method: MergeMethod, dtype: torch.dtype, others: int) -> float:

@@ -4,6 +4,10 @@ A search merges hundreds of recipes over the same models, so everything that doe
 numbers is done once and kept: the source tensors (on the session's device), their casts to the merge dtype,
 and each method's `prepare` output (task vectors, magnitude order). `apply` then writes a candidate straight
 into a live model's parameters, so evaluating it needs no checkpoint and no reload.
+
+`lean=True` keeps only the sources: casts and prepared state are computed per tensor for each candidate and
+dropped (the methods' unprepared path is the same arithmetic, so the result is bit for bit the same). That
+trades time for memory: for TIES on a 7B family the prepared state is twice the sources (merge_core/memory.py).
 """
 
 from collections.abc import Iterator, Sequence
@@ -21,10 +25,10 @@ from merge_core.writer import DEFAULT_SHARD_BYTES, write_checkpoint
 
 
 class MergeSession:
-    def __init__(self, models: Sequence[str], device: str = "cpu"):
+    def __init__(self, models: Sequence[str], device: str = "cpu", lean: bool = False):
         if not models:
             raise ValueError("MergeSession needs at least one model")
-        self.device = device
+        self.device, self.lean = device, lean
         self.checkpoints: dict[str, Checkpoint] = {ref: load_checkpoint(ref, device) for ref in dict.fromkeys(models)}
         check_compatible(list(self.checkpoints.values()))
         reference = next(iter(self.checkpoints.values()))
@@ -105,13 +109,15 @@ class MergeSession:
         tensor = self.checkpoints[ref].tensors[name]
         if dtype is None or tensor.dtype == dtype:
             return tensor
+        if self.lean:
+            return tensor.to(dtype)
         key = (ref, name, dtype)
         if key not in self._casts:
             self._casts[key] = tensor.to(dtype)
         return self._casts[key]
 
     def _prepare(self, plan: MergePlan, job: TensorJob, tensors: list[torch.Tensor]) -> dict | None:
-        if plan.method.prepare is None:
+        if plan.method.prepare is None or self.lean:
             return None
         key = (plan.method.name, job.sources, job.base_index, plan.dtype)
         if key not in self._prepared:

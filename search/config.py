@@ -121,6 +121,10 @@ class MergeConfig(Section):
     method: str
     parameters: dict[str, float | bool] = {}
     dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None
+    # fast: keep casts and the method's prepared state (task vectors, ranks) resident, so a candidate pays only
+    # its own arithmetic; lean: keep only the sources and recompute those per tensor per candidate (bit for bit
+    # the same merge, slower); auto: fast where the memory plan says it fits, else lean.
+    memory: Literal["fast", "lean", "auto"] = "auto"
 
     @property
     def spec(self) -> MergeMethod:

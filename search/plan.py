@@ -30,7 +30,7 @@ def plan_search(config_path: Path) -> str:
     x = defaults[0] if defaults else (genome.lower + genome.upper) / 2
     job = Job(genome.decode(x).to_yaml(), seed=config.seed)
     load_start = time.perf_counter()
-    worker = CandidateWorker(worker_spec(config))
+    worker = CandidateWorker(worker_spec(config, checked.memory))
     load_s = time.perf_counter() - load_start
     worker.run(job)  # the first call also prepares task vectors and builds lm-eval's requests
     worker.live = None  # so the steady call merges again: its merge time is what every new candidate pays

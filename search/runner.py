@@ -48,6 +48,7 @@ class Search:
         self.config, self.reporter, self.say = config, reporter, reporter.line
         RunDir(config.output_dir).expect_search(resume, config.where)
         checked = preflight(config)  # before the run dir exists: bad input leaves nothing behind
+        self.memory = checked.memory
         self.genome = Genome(config, checked.tensor_names, checked.num_layers)
         check_fits(config, self.genome)  # its size is known only now; still before the run dir and Ray
         self.run_dir = RunDir.open(config.output_dir) if resume else RunDir.create(config.output_dir, config.where)
@@ -113,7 +114,7 @@ class Search:
         start_ray(address, self.run_dir.ray_link, num_cpus=None)
         started = time.monotonic()
         pool = WorkerPool(
-            partial(CandidateWorker, worker_spec(config)),
+            partial(CandidateWorker, worker_spec(config, self.memory)),
             workers=execution.workers,
             num_cpus=max(0.5, (os.cpu_count() or 1) / execution.workers - 0.25),
             num_gpus=execution.gpus_per_worker,

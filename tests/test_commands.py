@@ -61,7 +61,7 @@ def test_plan_validates_times_and_projects_without_a_run_dir(toy_family, tmp_pat
     sources, one = sum(t.nbytes for w in weights for t in w.values()), sum(t.nbytes for t in weights[0].values())
     prepared = 3 * one * 2  # per fine-tune and element: a float32 task vector and an int32 rank
     assert lines["memory"].startswith(
-        f"memory        cpu: sources {sources / 1e6:.1f} MB + task vectors and ranks {prepared / 1e6:.1f} MB + "
+        f"memory        cpu, merge.memory fast: sources {sources / 1e6:.1f} MB + task vectors and ranks {prepared / 1e6:.1f} MB + "
         f"live model {one / 1e6:.1f} MB"
     )
     timing = re.fullmatch(r"one candidate merge (\S+)s \+ search eval (\S+)s; worker start (\S+)s", lines["one"])

@@ -116,6 +116,23 @@ def test_the_plan_equals_what_a_real_session_keeps(toy_family, method, dtype):
     assert held["casts"] > 0 if dtype else held["casts"] == 0
 
 
+@pytest.mark.parametrize(
+    ("method", "dtype"), [("ties", "float64"), ("dare_ties", "bfloat16"), ("della", None), ("breadcrumbs_ties", None)]
+)
+def test_a_lean_session_merges_bit_for_bit_what_a_fast_one_does_and_keeps_only_the_sources(toy_family, method, dtype):
+    models = [str(toy_family.base), *map(str, toy_family.children.values())]
+    parameters = {"weight": 0.7, "density": 0.6} | ({"epsilon": 0.1} if method == "della" else {})
+    recipe = {"merge_method": method, "base_model": models[0], "dtype": dtype}
+    recipe["models"] = [{"model": m, "parameters": parameters} for m in models[1:]]
+    recipe = Recipe.from_dict({k: v for k, v in recipe.items() if v is not None})
+    fast, lean = MergeSession(models), MergeSession(models, lean=True)
+    for seed in (0, 1):  # the second candidate of a fast session uses its kept state
+        ours, reference = lean.materialize(recipe, seed=seed), fast.materialize(recipe, seed=seed)
+        assert sorted(ours) == sorted(reference)
+        assert all(torch.equal(ours[name], reference[name]) for name in reference)
+    assert fast._prepared and not lean._prepared and not lean._casts
+
+
 def _tensors(value: object) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
@@ -127,18 +144,31 @@ def test_a_7b_ties_search_does_not_fit_one_80gb_gpu_and_says_why(tmp_path):
     count = numel(llama_shapes(LLAMA_7B))
     assert count == 6_738_415_616  # Llama-2-7B's parameter count
     # A cluster's GPU worker (this machine has no GPU for the local device check to find)
-    config = search_config(tmp_path, models, "ties", execution={"ray_address": "head-node:6379"})
+    cluster = {"ray_address": "head-node:6379"}
+    config = search_config(tmp_path, models, "ties", execution=cluster, merge={"memory": "fast"})
     plan = plan_memory(config, [read_info(str(m)) for m in models])
     # bf16 sources; TIES keeps each fine-tune's bf16 task vector and its int32 magnitude ranks: 6 bytes each
     assert plan.terms == {"sources": 4 * count * 2, "task vectors and ranks": 3 * count * 6, "live model": count * 2}
     assert (plan.device, plan.sharing, plan.available) == ("cuda:0", 1, 80 * 10**9)
     message = (
-        r"search\.yml: merge\.method: expected the run to fit in the 80\.0 GB of cuda:0, got 188\.7 GB; the "
-        r"biggest term is task vectors and ranks, 121\.3 GB: ties keeps every fine-tune's task vector"
+        r"search\.yml: merge\.memory: expected the run to fit in the 80\.0 GB of cuda:0, got 188\.7 GB; the "
+        r"biggest term is task vectors and ranks, 121\.3 GB: ties keeps every fine-tune's task vector .* "
+        r"merge\.memory: lean \(or auto\) recomputes them"
     )
     with pytest.raises(InputError, match=message):
         preflight(config)  # refused before the tasks are even looked up, let alone Ray or a run dir
     assert not (tmp_path / "run").exists()
+
+    # merge.memory auto (the default) goes lean: the sources, one tensor's working set, the live model
+    auto = plan_memory(search_config(tmp_path, models, "ties", execution=cluster), [read_info(str(m)) for m in models])
+    embedding = 32000 * 4096  # the largest tensors: embed_tokens and lm_head
+    assert auto.lean and auto.terms == {
+        "sources": 4 * count * 2,
+        "one tensor's working set": 3 * embedding * 6,
+        "live model": count * 2,
+    }
+    check_memory(config, auto)  # 69.7 GB of 80
+    assert auto.lines()[0].startswith("memory        cuda:0, merge.memory lean (sources only;")
 
 
 def test_a_7b_linear_search_fits_and_plan_says_how_much_is_left(tmp_path):
@@ -151,7 +181,7 @@ def test_a_7b_linear_search_fits_and_plan_says_how_much_is_left(tmp_path):
     memory, workspace, warning = plan.lines()
     assert warning.startswith("warning       a batch padded to 4096 tokens would not fit: if scoring runs out")
     assert memory == (
-        "memory        cuda:0: sources 53.9 GB + live model 13.5 GB = 67.4 GB per worker; 67.4 GB resident of 80.0 GB"
+        "memory        cuda:0, merge.memory fast: sources 53.9 GB + live model 13.5 GB = 67.4 GB per worker; 67.4 GB resident of 80.0 GB"
     )
     # per token: bf16 logits + their float32 log-probs, keys and values of 32 layers, the MLP's in and out
     per_token = 32000 * (2 + 4) + 32 * 2 * 4096 * 2 + 2 * 11008 * 2
@@ -176,7 +206,7 @@ def test_a_70b_family_is_planned_from_its_headers(tmp_path):
     models = header_only_family(tmp_path, LLAMA_70B, fine_tunes=2)
     count = numel(llama_shapes(LLAMA_70B))
     assert count == 68_976_648_192  # Llama-2-70B's parameter count
-    config = search_config(tmp_path, models, "task_arithmetic", merge={"dtype": "float32"})
+    config = search_config(tmp_path, models, "task_arithmetic", merge={"dtype": "float32", "memory": "fast"})
     plan = plan_memory(config, [read_info(str(m)) for m in models])
     assert plan.terms == {
         "sources": 3 * count * 2,
@@ -184,8 +214,12 @@ def test_a_70b_family_is_planned_from_its_headers(tmp_path):
         "task vectors and ranks": 2 * count * 4,  # float32 task vectors; task arithmetic ranks nothing
         "live model": count * 2,
     }
-    with pytest.raises(InputError, match=r"merge\.dtype: .* the biggest term is merge-dtype casts, 827\.7 GB"):
+    with pytest.raises(InputError, match=r"merge\.memory: .* the biggest term is merge-dtype casts, 827\.7 GB"):
         check_memory(config, plan)
+    # Lean keeps only the sources, and those alone are 413.9 GB: no session mode makes a 70B family fit one GPU.
+    lean = search_config(tmp_path, models, "task_arithmetic", merge={"dtype": "float32"})
+    with pytest.raises(InputError, match=r"models\.fine_tunes: .* the biggest term is sources, 413\.9 GB"):
+        check_memory(lean, plan_memory(lean, [read_info(str(m)) for m in models]))
 
 
 def test_device_memory_takes_sizes_with_units(tmp_path):

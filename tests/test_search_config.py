@@ -181,6 +181,7 @@ HOSTILE = [
     ("seed", "x", "seed: expected an integer, got 'x'"),
     ("trust_remote_code", "yes", "trust_remote_code: expected true or false, got 'yes'"),
     ("genome", [1], "genome: expected a mapping, got [1]"),
+    ("merge.memory", "small", "merge.memory: expected one of 'fast', 'lean' or 'auto', got 'small'"),
     ("baselines.tuned", ["ties", "ties"], "baselines.tuned[1]: expected each family once, got 'ties' twice"),
     (
         "baselines.tuned",

@@ -30,6 +30,7 @@ TORCH_DTYPES = {
 
 @dataclass(frozen=True)
 class MemoryPlan:
+    lean: bool  # the session mode merge.memory resolves to (auto: fast where it fits)
     device: str  # where a worker's weights live: "cpu" (the host's memory) or "cuda:N"
     sharing: int  # workers holding their own copy on one such device
     terms: dict[str, int]  # per worker, resident for the run: term -> bytes
@@ -49,8 +50,9 @@ class MemoryPlan:
         terms = " + ".join(f"{name} {gb(size)}" for name, size in self.terms.items())
         has = "unknown (set execution.device_memory)" if self.available is None else gb(self.available)
         shared = f" × {self.sharing} workers" if self.sharing > 1 else ""
+        mode = "lean (sources only; casts and task vectors per tensor per candidate)" if self.lean else "fast"
         lines = [
-            f"memory        {self.device}: {terms} = {gb(self.per_worker)} per worker{shared}; "
+            f"memory        {self.device}, merge.memory {mode}: {terms} = {gb(self.per_worker)} per worker{shared}; "
             f"{gb(self.resident)} resident of {has}",
             f"workspace     scoring: up to {gb(self.workspace.bytes)} more per worker (batch {self.workspace.batch} "
             f"× {self.workspace.tokens} tokens, logits, KV cache and the widest activation: an upper bound)",
@@ -74,17 +76,20 @@ def plan_memory(config: SearchConfig, infos: list[CheckpointInfo]) -> MemoryPlan
     session = session_bytes(infos, method, merge_dtype, config.models.base)
     skeleton = infos[0]  # the base: the live model's architecture
     eval_dtype = TORCH_DTYPES.get(config.evaluation.dtype)  # None for 'auto': the checkpoint's own
-    terms = {"sources": session.sources}
-    if session.casts:
-        terms["merge-dtype casts"] = session.casts
-    if session.prepared:
-        terms["task vectors and ranks"] = session.prepared
-    terms["live model"] = tensor_bytes(skeleton, eval_dtype)
+    live = tensor_bytes(skeleton, eval_dtype)
+    fast = {"sources": session.sources, "merge-dtype casts": session.casts, "task vectors and ranks": session.prepared}
+    fast = {name: size for name, size in fast.items() if size} | {"live model": live}
+    lean = {"sources": session.sources, "one tensor's working set": session.largest_tensor, "live model": live}
     itemsize = (eval_dtype or Counter(skeleton.dtypes.values()).most_common(1)[0][0]).itemsize
     max_length = config.evaluation.model_args.get("max_length")
     scoring = workspace(skeleton.config, config.evaluation.batch_size, max_length, itemsize)
     device = worker_device(config)
-    return MemoryPlan(device, sharing(config, device), terms, scoring, available(config, device))
+    shared, has = sharing(config, device), available(config, device)
+    mode = config.merge.memory
+    if mode == "auto":  # lean only where it is needed: it recomputes per candidate what fast keeps
+        mode = "lean" if has is not None and shared * sum(fast.values()) > has and session.largest_tensor else "fast"
+    terms = lean if mode == "lean" else fast
+    return MemoryPlan(mode == "lean", device, shared, terms, scoring, has)
 
 
 def worker_device(config: SearchConfig) -> str:
@@ -141,13 +146,17 @@ ADVICE = {
         f"the {1 + len(c.models.fine_tunes)} models' weights alone: fewer fine-tunes, or a device with more memory",
     ),
     "merge-dtype casts": lambda c: (
-        "merge.dtype",
-        f"every source is copied to {c.merge.dtype}: merge in the sources' own dtype (leave merge.dtype out)",
+        "merge.memory",
+        f"every source is copied to {c.merge.dtype}: merge.memory: lean (or auto) casts per tensor instead",
     ),
     "task vectors and ranks": lambda c: (
+        "merge.memory",
+        f"{c.merge.method} keeps every fine-tune's task vector (and magnitude ranks) resident: merge.memory: lean "
+        "(or auto) recomputes them per tensor per candidate, the same merge bit for bit",
+    ),
+    "one tensor's working set": lambda c: (
         "merge.method",
-        f"{c.merge.method} keeps every fine-tune's task vector (and magnitude ranks) resident: fewer fine-tunes, "
-        "or a method without that state (linear, slerp)",
+        f"{c.merge.method}'s task vectors of the largest tensor alone: fewer fine-tunes, or a device with more memory",
     ),
     "live model": lambda c: (
         "evaluation.dtype",

@@ -94,10 +94,11 @@ def check_device(config: SearchConfig) -> None:
         )
 
 
-def worker_spec(config: SearchConfig) -> WorkerSpec:
+def worker_spec(config: SearchConfig, memory: MemoryPlan) -> WorkerSpec:
     return WorkerSpec(
         models=(config.models.base, *config.models.fine_tunes),
         device=config.execution.device,
+        lean=memory.lean,
         eval_config=config.eval_config(),
         search_parts=tuple(tuple(part) for part in config.search_parts()),
         heldout_tasks=tuple(config.held_out_specs()),

@@ -23,6 +23,7 @@ class WorkerSpec:
     selection_tasks: tuple[TaskSpec, ...] = ()  # none: no selection split configured
     threads: int | None = None
     trust_remote_code: bool = False
+    lean: bool = False  # the merge session's mode (merge.memory, as the memory plan resolved it)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class CandidateWorker:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             self.device = spec.device
-        self.session = MergeSession(list(spec.models), device=self.device)
+        self.session = MergeSession(list(spec.models), device=self.device, lean=spec.lean)
         skeleton = self.session.checkpoints[spec.models[0]].path
         self.evaluators = {(SEARCH, k): Evaluator(spec.eval_config, part) for k, part in enumerate(spec.search_parts)}
         if spec.heldout_tasks:  # a search may have none: its report then compares nothing held out
