@@ -27,6 +27,7 @@ SIZES = {  # name -> (hidden, layers, ffn, vocab); parameter counts are printed
     "0.2M": (64, 4, 128, 256),
     "25M": (512, 6, 1536, 4000),
     "100M": (768, 12, 2048, 10000),
+    "270M": (1024, 16, 2816, 32000),  # bench_memory.py's default
 }
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
 

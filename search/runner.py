@@ -9,7 +9,6 @@ Nothing one candidate does ends the run: a failure is an Outcome like any other,
 optimizer as failed. Everything the search knows lives in the run dir, so `--resume` after a kill continues.
 """
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,11 +21,11 @@ import ray
 import yaml
 from optuna.trial import TrialState
 
-from merge_core import Recipe
+from merge_core import InputError, Recipe
 from search.config import SearchConfig
 from search.execution.pool import Outcome, WorkerPool
 from search.execution.preflight import preflight, worker_spec
-from search.execution.ray_runtime import start_ray, stop_ray
+from search.execution.ray_runtime import start_ray, stop_ray, worker_cpus
 from search.execution.worker import SEARCH, CandidateWorker, Job, JobResult
 from search.fitness import Objectives
 from search.fitness.rungs import RUNG_FITNESS, Rungs
@@ -112,11 +111,17 @@ class Search:
         own_ray = not ray.is_initialized()  # a caller's Ray (a notebook, a test) is theirs to stop
         address = None if execution.ray_address == "local" else execution.ray_address
         start_ray(address, self.run_dir.ray_link, num_cpus=None)
+        try:
+            num_cpus = worker_cpus(config)
+        except InputError:
+            if own_ray:
+                stop_ray()
+            raise
         started = time.monotonic()
         pool = WorkerPool(
             partial(CandidateWorker, worker_spec(config, self.memory)),
             workers=execution.workers,
-            num_cpus=max(0.5, (os.cpu_count() or 1) / execution.workers - 0.25),
+            num_cpus=num_cpus,
             num_gpus=execution.gpus_per_worker,
             trial_timeout_s=execution.trial_timeout,
             # A cluster's workers write on their own nodes: there, Ray's per-node logs keep what they print.
@@ -190,6 +195,7 @@ class Search:
 
     def scored(self, pool: WorkerPool, outcome: Outcome) -> None:
         candidate = self.flight[outcome.key]
+        candidate.node, candidate.worker = outcome.node or candidate.node, outcome.worker or candidate.worker
         if not outcome.ok:
             self.finish(outcome.key, None, outcome.error)
             return
@@ -245,6 +251,8 @@ class Search:
             error=error,
             items=items if result is not None or items else None,
             fidelity=self.rungs.sizes[rung] if values and self.rungs.top else None,
+            node=candidate.node or None,
+            worker=candidate.worker or None,
         )
         front = Front.of(self.completed(), self.objectives)
         self.progress(number, items, values, error, stopped_at, front)
@@ -311,6 +319,8 @@ class Candidate:
     cache_key: str = ""
     parts: list[JobResult] = field(default_factory=list)  # parts 0.. scored so far, in order
     fresh: list[bool] = field(default_factory=list)  # per part: scored for this request (else the cache's)
+    node: str = ""  # the Ray node its last scored part ran on, and the worker
+    worker: str = ""
 
 
 def run_search(config_path: Path, resume: bool = False, say: Callable[[str], None] | None = None) -> RunSummary:

@@ -5,7 +5,9 @@ Each actor builds its worker once with `factory()` (where a real worker loads it
 straggler never idles the others, and turns every way a task can go wrong into a failed `Outcome`:
 - `run` raises: the error is recorded and the same worker keeps serving;
 - `run` exceeds `trial_timeout_s`: the actor is killed and a fresh one (a new `factory()`) takes its place;
-- the worker process dies (os._exit, segfault, OOM kill): recorded as a crash, the actor is replaced.
+- the worker process dies (os._exit, segfault, OOM kill): recorded as a crash, the actor is replaced;
+- the worker's NODE dies (a cluster machine lost): not the task's doing, so it is no outcome at all: the task
+  goes back to the front of the queue and runs again on a worker that starts on a node still alive.
 Only a factory that cannot start is fatal: a worker whose start fails twice in a row is retired, and once every
 worker is retired the pool raises `WorkerStartError` with the factory's error. `factory()` itself has no time
 limit (loading models may take long); `trial_timeout_s` clocks only `run`.
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 MAX_START_FAILURES = 2  # consecutive failed starts after which a worker slot is retired
 POLL_S = 5.0  # the longest single ray.wait, so no call into Ray can block forever
 GET_TIMEOUT_S = 60.0  # fetching a result ray.wait already reported ready
+NODE_DEATH_GRACE_S = 40.0  # how long a dead actor's node may still show alive (Ray's health checks: ~30 s)
 
 
 class Worker(Protocol):
@@ -53,6 +56,7 @@ class Outcome:
     error: str | None
     seconds: float
     worker: str
+    node: str = ""  # the Ray node id it ran on
 
 
 class WorkerStartError(RuntimeError):
@@ -85,6 +89,26 @@ def crash_reason(err: RayError) -> str:
     return first_sentence.group(1) if first_sentence else text or type(err).__name__
 
 
+def node_lost(err: RayError, node: str = "") -> bool:
+    """Did the actor die because its node did? Ray says so in the death message when it knows (the node's
+    raylet reported gone); else the node it ran on is asked after: a dead node shows in ray.nodes() within
+    Ray's health-check period, so a cluster (more than one node) is polled that long. A single node cannot be
+    lost without the driver's Ray going with it."""
+    if "node has died" in str(err) or "node died" in str(err):
+        return True
+    nodes = ray.nodes()
+    if not node or len(nodes) < 2:
+        return False
+    deadline = time.monotonic() + NODE_DEATH_GRACE_S
+    while True:
+        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        if node not in alive:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(1.0)
+
+
 def task_cause(err: RayTaskError) -> BaseException:
     """The exception raised inside the actor, when Ray could bring it back."""
     return err.cause if isinstance(err.cause, BaseException) else err
@@ -97,7 +121,8 @@ class WorkerHost:
         self.factory, self.log = factory, log
         self.worker: Worker | None = None
 
-    def start(self) -> str:
+    def start(self) -> tuple[str, str]:
+        """Where it runs: host:pid, and the Ray node id."""
         if self.log is not None:
             redirect_output(self.log)
         try:
@@ -105,7 +130,7 @@ class WorkerHost:
         except Exception as err:
             traceback.print_exc()
             raise StartFailed(one_line(err)) from None
-        return f"{socket.gethostname()}:{os.getpid()}"
+        return f"{socket.gethostname()}:{os.getpid()}", ray.get_runtime_context().get_node_id()
 
     def run(self, payload: Any) -> tuple[bool, Any, float]:
         began = time.perf_counter()
@@ -145,6 +170,7 @@ class Slot:
 
     index: int
     name: str = ""
+    node: str = ""  # the Ray node id its actor runs on, once started
     actor: Any = None
     start_ref: ray.ObjectRef | None = None  # set while the actor runs factory()
     task: Task | None = None
@@ -266,7 +292,8 @@ class WorkerPool:
             if slot.start_ref is not None and slot.start_ref in finished:
                 self._finish_start(slot)
             elif slot.task is not None and slot.task.ref in finished:
-                outcomes.append(self._finish_task(slot))
+                outcome = self._finish_task(slot)
+                outcomes += [outcome] if outcome is not None else []
             elif slot.task is not None and self._overdue(slot.task):
                 outcomes.append(self._settle(slot, False, None, f"timed out after {self.trial_timeout_s:g} s"))
                 self._replace(slot)
@@ -277,12 +304,16 @@ class WorkerPool:
 
     def _finish_start(self, slot: Slot) -> None:
         try:
-            where = ray.get(slot.start_ref, timeout=GET_TIMEOUT_S)
+            where, slot.node = ray.get(slot.start_ref, timeout=GET_TIMEOUT_S)
         except RayTaskError as err:
             cause = task_cause(err)
             self._start_failed(slot, str(cause) if isinstance(cause, StartFailed) else one_line(cause))
             return
         except RayError as err:
+            if node_lost(err):
+                logger.warning("%s lost its node while starting; starting it again elsewhere", slot.name)
+                self._replace(slot)
+                return
             self._start_failed(slot, f"worker could not start: {crash_reason(err)}")
             return
         slot.start_ref = None
@@ -300,7 +331,8 @@ class WorkerPool:
         self._kill(slot)
         slot.retired = True
 
-    def _finish_task(self, slot: Slot) -> Outcome:
+    def _finish_task(self, slot: Slot) -> Outcome | None:
+        """How the slot's task ended; None when its node died under it (the task is queued again, first)."""
         try:
             ok, value, seconds = ray.get(slot.task.ref, timeout=GET_TIMEOUT_S)
         except RayTaskError as err:
@@ -308,6 +340,12 @@ class WorkerPool:
             # the actor itself is fine and keeps serving.
             return self._settle(slot, False, None, one_line(task_cause(err)))
         except RayError as err:
+            if node_lost(err, slot.node):
+                logger.warning("%s: its node died; trial %s goes to another worker", slot.name, slot.task.key)
+                self._queue.appendleft(Task(slot.task.key, slot.task.payload))
+                slot.task = None
+                self._replace(slot)
+                return None
             outcome = self._settle(slot, False, None, f"worker crashed: {crash_reason(err)}")
             self._replace(slot)
             return outcome
@@ -319,7 +357,7 @@ class WorkerPool:
         """Free the slot and describe how its task ended (timed by the worker when it reported back)."""
         task, slot.task = slot.task, None
         seconds = time.monotonic() - task.began if seconds is None else seconds
-        return Outcome(task.key, ok, value, error, seconds, slot.name)
+        return Outcome(task.key, ok, value, error, seconds, slot.name, slot.node)
 
     def _dispatch(self) -> None:
         for slot in self._slots:
@@ -331,7 +369,7 @@ class WorkerPool:
                 slot.task.began = time.monotonic()
 
     def _launch(self, slot: Slot) -> None:
-        slot.name = f"worker-{slot.index}"
+        slot.name, slot.node = f"worker-{slot.index}", ""
         slot.actor = self._actor_class.remote(self._factory, self._worker_log)
         slot.start_ref = slot.actor.start.remote()
 

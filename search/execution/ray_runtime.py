@@ -26,10 +26,14 @@ import ray.util
 from ray._private import ray_constants
 from ray._private.authentication import authentication_token_setup
 
+from merge_core.errors import InputError
+from search.config import SearchConfig
+
 SHORT_TEMP_ROOT = Path("/tmp")
 AUTH_ENV_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # Every ray.init here: worker output and Ray's INFO lines kept off the driver's terminal (see above).
 QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}
+MIN_WORKER_CPUS = 0.5
 
 
 def ray_temp_dir(link: Path) -> Path:
@@ -75,6 +79,33 @@ def start_ray(address: str | None, link: Path, num_cpus: int | None, object_stor
         # The flag above is how this Ray version keeps off the network; fail loudly if it stops working.
         stop_ray()
         raise RuntimeError(f"local Ray bound {node_ip}, not 127.0.0.1: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was ignored")
+
+
+def worker_cpus(config: SearchConfig) -> float:
+    """The CPUs each worker actor asks for: its share of the running Ray's CPUs (a quarter CPU left to the
+    driver's own tasks), at least half a CPU. Read from Ray, not this machine, since a cluster's workers run
+    on other nodes, and a cluster may have shrunk since the run began (a lost node, then --resume). A Ray
+    without room for every worker, or without the GPUs asked for, is one line naming the setting."""
+    execution = config.execution
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    where = "the local Ray" if execution.ray_address == "local" else f"the Ray cluster at {execution.ray_address}"
+    each = max(MIN_WORKER_CPUS, cpus / execution.workers - 0.25)
+    if execution.workers * each > cpus + 1e-9:
+        raise InputError(
+            config.where,
+            "execution.workers",
+            f"expected at most {int(cpus / MIN_WORKER_CPUS)} workers ({where} has {cpus:g} CPUs, each worker needs "
+            f"{MIN_WORKER_CPUS:g}), got {execution.workers}",
+        )
+    if execution.workers * execution.gpus_per_worker > gpus + 1e-9:
+        raise InputError(
+            config.where,
+            "execution.gpus_per_worker",
+            f"expected workers × gpus_per_worker within the {gpus:g} GPUs of {where}, "
+            f"got {execution.workers} × {execution.gpus_per_worker:g}",
+        )
+    return each
 
 
 def stop_ray() -> None:
