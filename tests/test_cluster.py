@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
-from test_search_e2e import EVOMERGE, study_states, trial_items, write_config
+from test_search_e2e import EVOMERGE, trial_items, write_config
 
 from search.results.summary import read_summary
 from search.run_dir import RunDir
@@ -88,17 +89,24 @@ def cluster(tmp_path):
 
 
 def with_group_killed(process: subprocess.Popen) -> None:
+    """SIGKILL to a node and everything under it, as a lost machine: its process group (raylet, GCS) and every
+    descendant, since Ray starts its worker processes in sessions of their own."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # the node and every Ray process it spawned
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
 
 
-def completed(run_dir: Path) -> int:
-    """Trials COMPLETE in the study so far (0 until the search has created it)."""
+def nodes_so_far(run_dir: Path) -> set[str]:
+    """The nodes that finished a trial so far, from MLflow's sqlite store (none until the search created it)."""
     try:
-        return list(study_states(run_dir).values()).count("COMPLETE")
+        with sqlite3.connect(run_dir / "mlflow.db") as db:
+            return {value for (value,) in db.execute("select value from tags where key = 'evomerge.node'")}
     except sqlite3.OperationalError:  # the file exists before its tables do
-        return 0
+        return set()
 
 
 def trial_tags(run_dir: Path, tag: str) -> dict[int, str]:
@@ -128,7 +136,7 @@ def test_a_search_survives_losing_a_node_and_resumes_on_the_rest(toy_family, tmp
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            if completed(run_dir) >= 3:
+            if ids["second"] in nodes_so_far(run_dir):  # the second node has finished a trial: kill it now
                 break
             assert search.poll() is None, search.stdout.read()
             time.sleep(0.2)
