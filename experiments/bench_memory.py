@@ -1,6 +1,6 @@
 """Peak memory and time per candidate of a search worker's merge session, fast vs lean (merge.memory).
 
-    .venv/bin/python experiments/bench_memory.py [--size 270M] [--methods linear,ties,dare_ties]
+    .venv/bin/python experiments/bench_memory.py [--size 270M] [--methods linear,ties,dare_ties] [--device cuda]
 
 A random Llama family (base + 3 children, float32, bench_merge.py's builder) is written once; then for each
 method and mode a fresh process loads a MergeSession and a live model from the base, as a worker does, and
@@ -8,7 +8,8 @@ merges three candidates into it. It prints the process's peak RSS divided by the
 live model, the least any in-memory session can hold), also with the runtime's own RSS (Python, torch and
 transformers imported, before any weight) taken off the peak, the plan's figure for the same session
 (search/execution/memory.py's terms), and the seconds per candidate after the first (the fast session's
-first candidate also builds its kept state). Each measurement is its own process, so peaks do not mix.
+first candidate also builds its kept state). Each measurement is its own process, so peaks do not mix. On a
+GPU (`--device cuda`) the peak is torch's peak allocation on the device, and the runtime is zero.
 """
 
 import argparse
@@ -34,7 +35,7 @@ def status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def child(method: str, lean: bool, paths: list[str]) -> dict:
+def child(method: str, lean: bool, paths: list[str], device: str) -> dict:
     """In a fresh process: the session and live model a worker holds, three candidates merged into it."""
     from transformers import LlamaForCausalLM
 
@@ -43,21 +44,24 @@ def child(method: str, lean: bool, paths: list[str]) -> dict:
     from merge_core.methods import METHODS
     from merge_core.sources import read_info
 
-    runtime = status_bytes("VmRSS")  # Python, torch and transformers imported, no weight yet
-    session = MergeSession(paths, lean=lean)
-    live = LlamaForCausalLM.from_pretrained(paths[0], dtype=torch.float32)
+    gpu = device.startswith("cuda")
+    runtime = 0 if gpu else status_bytes("VmRSS")  # Python, torch and transformers imported, no weight yet
+    session = MergeSession(paths, device=device, lean=lean)
+    live = LlamaForCausalLM.from_pretrained(paths[0], dtype=torch.float32).to(device)
     seconds = []
     for weight in WEIGHTS:
         text = recipe_text(method, paths).replace("weight: 0.5", f"weight: {weight}")
         start = time.perf_counter()
         session.apply(Recipe.from_yaml(text), live)
+        if gpu:
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     infos = [read_info(path) for path in paths]
     planned = session_bytes(infos, METHODS[method], None, paths[0])
     floor = planned.sources + tensor_bytes(infos[0])
     kept = planned.largest_tensor if lean else planned.casts + planned.prepared
     return {
-        "peak": status_bytes("VmHWM"),
+        "peak": torch.cuda.max_memory_allocated() if gpu else status_bytes("VmHWM"),
         "runtime": runtime,
         "floor": floor,
         "planned": floor + kept,
@@ -69,12 +73,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="270M", choices=sorted(SIZES))
     parser.add_argument("--methods", default="linear,ties,dare_ties")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # method, mode, family root
     args = parser.parse_args()
     if args.child:
         method, mode, root = args.child
         paths = [str(p) for p in sorted(Path(root).iterdir())]  # base, child0, child1, child2
-        print(json.dumps(child(method, mode == "lean", paths)))
+        print(json.dumps(child(method, mode == "lean", paths, args.device)))
         return
     root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     build_family(root, args.size)
@@ -86,7 +91,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         for mode in ("fast", "lean"):
-            command = [sys.executable, __file__, "--child", method, mode, str(root)]
+            command = [sys.executable, __file__, "--device", args.device, "--child", method, mode, str(root)]
             result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
             peak, floor, runtime = result["peak"], result["floor"], result["runtime"]
             print(

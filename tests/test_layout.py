@@ -65,3 +65,18 @@ def test_only_the_run_dir_spells_run_dir_file_names():
         for text in code_strings(path):
             named = [name for name in RUN_DIR_FILES if name in text]
             assert not named, f"{path.relative_to(ROOT)} spells {named[0]} in {text!r}"
+
+
+def test_the_cluster_manifest_runs_the_ray_this_project_installs():
+    """KubeRay starts the image's own Ray: a rayVersion other than the installed one would be a mismatch the
+    cluster finds only at start."""
+    import ray
+    import yaml
+
+    manifest = yaml.safe_load((ROOT / "docker" / "raycluster.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCluster")
+    assert manifest["spec"]["rayVersion"] == ray.__version__
+    workers = manifest["spec"]["workerGroupSpecs"]
+    assert all(
+        int(w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) > 0 for w in workers
+    )
