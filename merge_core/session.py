@@ -20,17 +20,24 @@ from merge_core.errors import InputError
 from merge_core.methods import MergeInputs
 from merge_core.plan import MergePlan, TensorJob, plan_merge
 from merge_core.recipe import Recipe
+from merge_core.sharding import Shard, check_heads, check_shardable
 from merge_core.sources import Checkpoint, check_compatible, load_checkpoint
 from merge_core.writer import DEFAULT_SHARD_BYTES, write_checkpoint
 
 
 class MergeSession:
-    def __init__(self, models: Sequence[str], device: str = "cpu", lean: bool = False):
+    def __init__(self, models: Sequence[str], device: str = "cpu", lean: bool = False, shard: Shard | None = None):
+        """`shard`: hold and merge only that tensor-parallel rank's part of every tensor (merge_core/sharding.py)."""
         if not models:
             raise ValueError("MergeSession needs at least one model")
-        self.device, self.lean = device, lean
-        self.checkpoints: dict[str, Checkpoint] = {ref: load_checkpoint(ref, device) for ref in dict.fromkeys(models)}
+        self.device, self.lean, self.shard = device, lean, shard
+        self.checkpoints: dict[str, Checkpoint] = {
+            ref: load_checkpoint(ref, device, shard) for ref in dict.fromkeys(models)
+        }
         check_compatible(list(self.checkpoints.values()))
+        if shard is not None:
+            for ref, checkpoint in self.checkpoints.items():
+                check_heads(checkpoint.config, shard, ref)
         reference = next(iter(self.checkpoints.values()))
         self.tensor_names = list(reference.tensors)
         self.num_layers = architecture.num_layers(self.tensor_names)
@@ -42,6 +49,8 @@ class MergeSession:
         for ref in recipe.model_refs():
             if ref not in self.checkpoints:
                 raise InputError(recipe.where, "models", f"{ref} is not loaded in this session (loaded: {loaded})")
+        if self.shard is not None:
+            check_shardable(recipe.merge_method, recipe.method.elementwise, recipe.where)
         return plan_merge(recipe, self.tensor_names, self.num_layers, recipe.where)
 
     def materialize(self, recipe: Recipe, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_core.errors import InputError
+from merge_core.sharding import Shard
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -83,6 +85,19 @@ def weight_files(path: Path) -> list[Path]:
     raise InputError(path, None, f"no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})")
 
 
+def read_shard(file: Path, device: str, shard: Shard) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(file, "pt", device=device) as handle:
+            out = {}
+            for name in handle.keys():  # noqa: SIM118 - a safe_open handle is no dict
+                part = handle.get_slice(name)
+                index = shard.index(name, tuple(part.get_shape()))
+                out[name] = handle.get_tensor(name) if index is None else part[index]
+            return out
+    except Exception as err:  # noqa: BLE001 - corrupt files must not end in a traceback
+        raise InputError(file, None, f"cannot read weights ({type(err).__name__}: {err})") from None
+
+
 def read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
     try:
         if file.suffix == ".safetensors":
@@ -148,11 +163,18 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torc
     return tensors
 
 
-def load_checkpoint(ref: str, device: str = "cpu") -> Checkpoint:
+def load_checkpoint(ref: str, device: str = "cpu", shard: Shard | None = None) -> Checkpoint:
+    """Every tensor of `ref` on `device`; with `shard`, only that rank's part of each (merge_core/sharding.py),
+    read from safetensors files as a slice, so a rank never holds a whole source."""
     path, config = read_config(ref)
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
-        tensors.update(read_tensors(file, device))
+        if shard is None:
+            tensors.update(read_tensors(file, device))
+        elif file.suffix == ".safetensors":
+            tensors.update(read_shard(file, device, shard))
+        else:
+            tensors.update({name: shard.take(name, t) for name, t in read_tensors(file, device).items()})
     if not tensors:
         raise InputError(ref, None, "the checkpoint holds no tensors")
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}

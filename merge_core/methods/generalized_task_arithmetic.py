@@ -107,4 +107,5 @@ def task_arithmetic_method(
         min_models=1,
         random=bool(sparsifier and sparsifier.random),
         prepare=_prepare(sparsifier),
+        elementwise=sparsifier is None,  # sign consensus and the normalization are per element
     )

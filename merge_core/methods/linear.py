@@ -25,4 +25,5 @@ METHOD = MergeMethod(
     params=(Param("weight", per_model=True), Param("normalize", per_model=False, default=True)),
     base="ignored",
     min_models=1,
+    elementwise=True,
 )

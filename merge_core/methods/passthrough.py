@@ -19,4 +19,5 @@ METHOD = MergeMethod(
     base="ignored",
     min_models=1,
     max_models=1,
+    elementwise=True,
 )

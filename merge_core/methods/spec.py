@@ -66,6 +66,10 @@ class MergeMethod:
     # candidate does only its own arithmetic (task vectors, magnitude order). Returns what `merge`
     # later finds in MergeInputs.prepared.
     prepare: Callable[[list[torch.Tensor], int | None], dict] | None = None
+    # Each output element depends only on the same element of the inputs (and the parameters), so the merge of
+    # shards is the shard of the merge (merge_core/sharding.py). Not so for anything that ranks, normalizes or
+    # draws over a whole tensor: TIES' top-k, slerp's angle, DARE's one RNG stream in tensor order.
+    elementwise: bool = False
     aliases: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> Param | None:
