@@ -11,6 +11,8 @@ bound for a warning, never a reason to refuse a run.
 
 from dataclasses import dataclass
 
+from merge_core.architecture import text_config
+
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's when the config names no context length
 FLOAT32 = 4
 
@@ -20,11 +22,6 @@ class Workspace:
     batch: int
     tokens: int  # per request, the longest lm-eval feeds
     bytes: int
-
-
-def text_config(config: dict) -> dict:
-    """A multimodal config keeps the language model's sizes in text_config."""
-    return config.get("text_config", config)
 
 
 def workspace(config: dict, batch_size: int | str, max_length: int | None, itemsize: int) -> Workspace:

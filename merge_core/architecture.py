@@ -85,3 +85,8 @@ def layout(tensor_names: Sequence[str]) -> Layout:
 
 def num_layers(tensor_names: Sequence[str]) -> int:
     return layout(tensor_names).num_layers
+
+
+def text_config(config: dict) -> dict:
+    """The language model's part of a config.json: a multimodal one keeps its sizes in text_config."""
+    return config.get("text_config", config)

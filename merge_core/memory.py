@@ -10,6 +10,7 @@ own `prepare` runs on a small tensor of each dtype and its output is counted per
 needs no entry here.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,21 +31,10 @@ class SessionBytes:
     # once while it merges that tensor.
     largest_tensor: int
 
-    @property
-    def total(self) -> int:
-        return self.sources + self.casts + self.prepared
-
-
-def numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
 
 def tensor_bytes(info: CheckpointInfo, dtype: torch.dtype | None = None) -> int:
     """One checkpoint's weights in `dtype` (None: each tensor's own)."""
-    return sum(numel(shape) * (dtype or info.dtypes[name]).itemsize for name, shape in info.shapes.items())
+    return sum(math.prod(shape) * (dtype or info.dtypes[name]).itemsize for name, shape in info.shapes.items())
 
 
 def session_bytes(
@@ -58,7 +48,7 @@ def session_bytes(
     per_element: dict[torch.dtype, float] = {}  # prepared bytes per element, by merge dtype
     casts = prepared = largest = 0
     for name, shape in infos[0].shapes.items():
-        count = numel(shape)
+        count = math.prod(shape)
         cast = sum(
             count * merge_dtype.itemsize
             for info in merged
@@ -78,7 +68,7 @@ def prepared_bytes_per_element(method: MergeMethod, dtype: torch.dtype, others: 
     """Bytes `method.prepare` keeps per element of one tensor, for a base and `others` other models."""
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(PROBE_SHAPE, generator=generator).to(dtype) for _ in range(others + 1)]
-    return _bytes(method.prepare(tensors, 0)) / numel(PROBE_SHAPE)
+    return _bytes(method.prepare(tensors, 0)) / math.prod(PROBE_SHAPE)
 
 
 def _bytes(value: object) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from merge_core.architecture import text_config
 from merge_core.errors import InputError
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")
@@ -66,7 +67,7 @@ class Shard:
 
 def check_heads(config: dict, shard: Shard, where: str) -> None:
     """Attention projections split by heads: every rank must get whole heads, as vLLM requires."""
-    text = config.get("text_config", config)
+    text = text_config(config)
     for key in ("num_attention_heads", "num_key_value_heads"):
         heads = text.get(key)
         if heads is not None and heads % shard.world:

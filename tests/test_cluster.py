@@ -25,7 +25,24 @@ from search.results.summary import read_summary
 from search.run_dir import RunDir
 
 RAY = Path(sys.executable).parent / "ray"
-SECOND_NODE = Path(__file__).parent / "ray_second_node.py"
+# `ray start --block` for a second node on this machine, every listener on loopback. With
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps Ray's processes on 127.0.0.1) `ray start --address` refuses to
+# join a cluster, and without it Ray rewrites 127.0.0.1 to the machine's routable address; so, as
+# shared/notes/stack.md measured, the process allows the cluster and pins the node address to loopback itself,
+# and the processes it spawns inherit the variable. The resource `second_node` tells its node id apart; its
+# files go under the head's temp dir.
+SECOND_NODE = """
+import sys
+import ray._private.ray_constants as ray_constants
+import ray._private.services as services
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.get_node_ip_address = lambda *_, **__: "127.0.0.1"
+services.node_ip_address_from_perspective = lambda *_, **__: "127.0.0.1"
+from ray.scripts.scripts import start
+address, num_cpus = sys.argv[1:3]
+start.main(args=["--block", "--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", num_cpus,
+                 "--resources", '{"second_node": 1}'])
+"""
 TRIALS = 16
 NODES = """
 import json, sys, time, ray
@@ -73,7 +90,7 @@ def cluster(tmp_path):
     try:
         time.sleep(5)  # the GCS must answer before a node joins it
         processes["second"] = subprocess.Popen(
-            [sys.executable, SECOND_NODE, address, "1"],
+            [sys.executable, "-c", SECOND_NODE, address, "1"],
             env=env,
             stdout=logs["second"],
             stderr=subprocess.STDOUT,

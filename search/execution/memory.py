@@ -17,15 +17,9 @@ import torch
 from evaluators.memory import Workspace, workspace
 from merge_core.errors import InputError
 from merge_core.memory import session_bytes, tensor_bytes
+from merge_core.recipe import DTYPES
 from merge_core.sources import CheckpointInfo
 from search.config import SearchConfig
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
 
 
 @dataclass(frozen=True)
@@ -72,10 +66,10 @@ def gb(size: int) -> str:
 
 def plan_memory(config: SearchConfig, infos: list[CheckpointInfo]) -> MemoryPlan:
     method = config.merge.spec
-    merge_dtype = TORCH_DTYPES.get(config.merge.dtype) if config.merge.dtype else None
+    merge_dtype = DTYPES.get(config.merge.dtype) if config.merge.dtype else None
     session = session_bytes(infos, method, merge_dtype, config.models.base)
     skeleton = infos[0]  # the base: the live model's architecture
-    eval_dtype = TORCH_DTYPES.get(config.evaluation.dtype)  # None for 'auto': the checkpoint's own
+    eval_dtype = DTYPES.get(config.evaluation.dtype)  # None for 'auto': the checkpoint's own
     live = tensor_bytes(skeleton, eval_dtype)
     fast = {"sources": session.sources, "merge-dtype casts": session.casts, "task vectors and ranks": session.prepared}
     fast = {name: size for name, size in fast.items() if size} | {"live model": live}
