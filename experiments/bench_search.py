@@ -1,8 +1,8 @@
 """Search quality on the demo toy family: CMA-ES and NSGA-II vs random search at equal budget, vs mergekit's
 default recipes and a tuned single λ, vs the parents — all on the held-out split the search never saw.
 
-    .venv/bin/python experiments/bench_search.py [--seeds 0,1,2] [--optimizers cmaes,cmaes+rungs,random]
-        [--trials 60] [--rungs 25,75,200]
+    .venv/bin/python experiments/bench_search.py [--seeds 0,1,2] [--skills srt,rev,cae]
+        [--optimizers cmaes,cmaes+rungs,random] [--trials 60] [--rungs 25,75,200]
 
 Every variant gets the same item budget: what `--trials` full-fidelity candidates cost. A `+rungs` variant
 scores candidates with fitness.rungs (asynchronous successive halving), so it sees more candidates for it; a
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from evaluators.toy_family import build_family
+from evaluators.toy_family import Family, build_family
 from search.demo import DEMO_CONFIG, FAMILY_PLACEHOLDER
 from search.results.statistics import PairedDiff, paired_bootstrap
 from search.results.summary import RunSummary
@@ -33,8 +33,11 @@ from search.run_dir import RunDir
 from search.runner import run_search
 
 
-def config_for(family_root: Path, variant: str, seed: int, trials: int, rungs: list[int], out: Path) -> Path:
-    config = yaml.safe_load(DEMO_CONFIG.read_text().replace(FAMILY_PLACEHOLDER, str(family_root)))
+def config_for(family: Family, variant: str, seed: int, trials: int, rungs: list[int], out: Path) -> Path:
+    config = yaml.safe_load(DEMO_CONFIG.read_text().replace(FAMILY_PLACEHOLDER, str(family.root)))
+    # The demo config names the default skills; another triple swaps in its children and held-out tasks.
+    config["models"]["fine_tunes"] = [str(path) for path in family.children.values()]
+    config["held_out"]["tasks"] = [{"task": task, "metric": "acc"} for task in family.test_tasks.values()]
     optimizer, *extras = variant.split("+")
     unknown = set(extras) - {"rungs", "coarse"}
     if unknown:
@@ -48,7 +51,7 @@ def config_for(family_root: Path, variant: str, seed: int, trials: int, rungs: l
     config["seed"] = seed
     config["output_dir"] = str(out / "run")
     if optimizer == "nsga2":
-        config["objectives"] = [{"task": f"toy_{skill}_search", "metric": "acc"} for skill in ("srt", "rev", "cae")]
+        config["objectives"] = [{"task": task, "metric": "acc"} for task in family.search_tasks.values()]
     path = out / "search.yml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -90,6 +93,7 @@ def fmt(diff: PairedDiff) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--skills", default="srt,rev,cae", help="the family's fine-tunes, one per skill")
     parser.add_argument("--optimizers", default="cmaes,cmaes+rungs,random")
     parser.add_argument("--trials", type=int, default=60, help="the item budget, in full-fidelity candidates")
     parser.add_argument("--rungs", default="25,75,200")
@@ -99,14 +103,14 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-search-"))
     lines = []
     for seed in map(int, args.seeds.split(",")):
-        family = build_family(size="demo", seed=seed)
+        family = build_family(size="demo", seed=seed, skills=args.skills)
         summaries: dict[str, RunSummary] = {}
         curves = {}
         for optimizer in optimizers:
             out = root / f"seed{seed}-{optimizer}"
             out.mkdir()
             summaries[optimizer] = run_search(
-                config_for(family.root, optimizer, seed, args.trials, rungs, out), say=lambda _: None
+                config_for(family, optimizer, seed, args.trials, rungs, out), say=lambda _: None
             )
             curves[optimizer] = best_so_far(out / "run")
         reference = summaries[optimizers[0]]
@@ -114,6 +118,8 @@ def main() -> None:
         defaults = {b.name: b.heldout["average"] for b in reference.baselines}
         lines.append(f"seed {seed}: parents " + ", ".join(f"{n} {v:.3f}" for n, v in parents.items()))
         lines.append(f"seed {seed}: baselines " + ", ".join(f"{n} {v:.3f}" for n, v in defaults.items()))
+        if reference.ceiling:
+            lines.append(f"seed {seed}: ceiling {reference.ceiling.heldout['average']:.3f}")
         target = curves["random"][1][-1] if "random" in curves else None
         for optimizer, summary in summaries.items():
             items = json.loads(RunDir(root / f"seed{seed}-{optimizer}" / "run").heldout_items.read_text())
@@ -132,6 +138,7 @@ def main() -> None:
                 diffs += f" | vs {optimizers[0]} {fmt(paired(combined, best, 'first', seed))}"
             lines.append(
                 f"seed {seed}: {optimizer:>6} held-out avg {summary.best.heldout['average']:.3f} | {diffs} | "
+                f"ceiling share {summary.best.ceiling_share} | "
                 f"search best {curves[optimizer][1][-1]:.3f} | items to reach random's final {reach} "
                 f"of {summary.trials.items} | {summary.trials.complete} full, {summary.trials.failed} failed, "
                 f"{summary.trials.stopped} stopped early"
