@@ -3,12 +3,29 @@
 Everything lm-eval lets a user choose is a field here; nothing is hard-coded in the harness.
 """
 
+import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError
 
-from merge_core.errors import from_validation
+from merge_core.errors import from_validation, shown
+
+BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+BYTE_UNITS |= {"tib": 2**40}
+
+
+def _bytes(value: Any) -> Any:
+    """Sizes are bytes, or a number with a unit: '80GB', '141 GiB', '512MB'."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*", value, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"expected bytes or a size like '80GB' or '141GiB', got {shown(value)}")
+    return int(float(match[1]) * BYTE_UNITS[match[2].lower()])
+
+
+Bytes = Annotated[int, BeforeValidator(_bytes), Field(gt=0)]
 
 
 class _Strict(BaseModel):
@@ -40,10 +57,9 @@ class VLLMOptions(_Strict):
     max_model_len: PositiveInt | None = None
     enforce_eager: bool = False
     seed: int = 1234
-    # live: load candidate weights into the running engine; reload: restart the engine from a checkpoint.
-    weight_update: Literal["live", "reload"] = "live"
-    # Candidate checkpoints go here: memory-backed so writing one costs a copy, not a disk write.
-    scratch_dir: Path = Path("/dev/shm")
+    # The engine's KV cache, e.g. '1GiB' (vLLM's kv_cache_memory_bytes). None: vLLM's default, a share of the
+    # GPU (gpu_memory_utilization), or on CPU what vLLM's CPU platform picks from free RAM (10 GiB measured here).
+    kv_cache_memory: Bytes | None = None
     engine_args: dict[str, Any] = {}  # passed through to vllm.LLM
 
 

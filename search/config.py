@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from evaluators.config import EvalConfig, TaskSpec
+from evaluators.config import Bytes, EvalConfig, TaskSpec
 from merge_core.errors import FieldProblem, InputError, from_validation, shown
 from merge_core.methods import METHODS, MergeMethod
 from search.run_dir import RunDir
@@ -53,21 +53,6 @@ def _seconds(value: Any) -> Any:
 
 
 Seconds = Annotated[float, BeforeValidator(_seconds), Field(gt=0)]
-BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-BYTE_UNITS |= {"tib": 2**40}
-
-
-def _bytes(value: Any) -> Any:
-    """Sizes are bytes, or a number with a unit: '80GB', '141 GiB', '512MB'."""
-    if not isinstance(value, str):
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*", value, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"expected bytes or a size like '80GB' or '141GiB', got {shown(value)}")
-    return int(float(match[1]) * BYTE_UNITS[match[2].lower()])
-
-
-Bytes = Annotated[int, BeforeValidator(_bytes), Field(gt=0)]
 
 
 class Section(BaseModel):

@@ -1,8 +1,10 @@
-"""lm-eval tasks for the toy skills: local jsonl data, greedy exact match by teacher forcing.
+"""lm-eval tasks for the toy skills: local jsonl data, greedy exact match by teacher forcing, or by generation.
 
 `output_type: loglikelihood` with the answer + EOS as the continuation and metric `acc` (lm-eval's
 `is_greedy`) scores an item right iff greedy decoding gives exactly the answer and then stops: one forward
 pass per item. `target_delimiter: ""` because the answer follows the '=' directly, as in training.
+The `_gen` twin of each task asks the same thing by generating (`generate_until`, greedy, exact match), the
+path real generative benchmarks take; it costs one forward per generated token.
 """
 
 import json
@@ -16,8 +18,8 @@ from evaluators.toy_family.tokenizer import EOS
 SPLITS = ("search", "test")
 
 
-def task_name(skill: str, split: str) -> str:
-    return f"toy_{skill}_{split}"
+def task_name(skill: str, split: str, generative: bool = False) -> str:
+    return f"toy_{skill}_{split}" + ("_gen" if generative else "")
 
 
 def write_tasks(tasks_dir: Path, splits: dict[str, dict[str, list[Item]]], final_tasks_dir: Path) -> None:
@@ -44,6 +46,20 @@ def write_tasks(tasks_dir: Path, splits: dict[str, dict[str, list[Item]]], final
                 "metadata": {"version": 1},
             }
             (tasks_dir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            generative = {
+                **config,
+                "task": task_name(skill, split, generative=True),
+                "output_type": "generate_until",
+                "doc_to_target": "{{answer}}",
+                # Greedy, stopping at EOS (lm-eval adds it to `until`); one token more than the longest answer.
+                "generation_kwargs": {
+                    "until": [EOS],
+                    "do_sample": False,
+                    "max_gen_toks": 1 + max(len(a) for _, a in items),
+                },
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+            }
+            (tasks_dir / f"{generative['task']}.yaml").write_text(yaml.safe_dump(generative, sort_keys=False))
     for split in SPLITS:
         group = {
             "group": f"toy_{split}",

@@ -1,7 +1,7 @@
 """What a search checks before anything starts (no Ray, no run dir), and what each worker is told to load.
 
 Whatever can be wrong before the first trial is found here, as one InputError line: sources that do not fit
-together, tasks and metrics that do not resolve (or that rungs cannot average), held-out tasks inside objective groups,
+together, what vLLM would refuse (evaluators/vllm_backend.py), tasks and metrics that do not resolve (or that rungs cannot average), held-out tasks inside objective groups,
 objective tasks too small for their rungs and selection items, a device this machine does not have, weights
 that do not fit in it (execution/memory.py).
 """
@@ -33,6 +33,11 @@ def preflight(config: SearchConfig) -> Preflight:
     check_device(config)
     infos = [read_info(ref) for ref in [config.models.base, *config.models.fine_tunes]]
     check_compatible(infos)
+    if config.evaluation.backend == "vllm":
+        from evaluators.vllm_backend import check_engine
+
+        execution = config.execution
+        check_engine(infos[0].config, config.eval_config(), execution.device, execution.gpus_per_worker, config.where)
     memory = plan_memory(config, infos)
     check_memory(config, memory)
     names = list(infos[0].shapes)

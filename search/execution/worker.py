@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from evaluators import EvalConfig, Evaluator, TaskSpec
-from merge_core import InputError, MergeSession, Recipe
+from merge_core import MergeSession, Recipe
+from merge_core.sources import resolve_model_dir
+
+# Mixed into vLLM's engine workers so the merge runs where the engine's weights live.
+ENGINE_MERGE = "search.execution.engine_merge.EngineMerge"
 
 # The fitness items; the same tasks' next items (where the winner is chosen); tasks the search never sees.
 SEARCH, SELECTION, HELDOUT = "search", "selection", "heldout"
@@ -62,20 +66,23 @@ class CandidateWorker:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             self.device = spec.device
-        self.session = MergeSession(list(spec.models), device=self.device, lean=spec.lean)
-        skeleton = self.session.checkpoints[spec.models[0]].path
+        skeleton = resolve_model_dir(spec.models[0])
         self.evaluators = {(SEARCH, k): Evaluator(spec.eval_config, part) for k, part in enumerate(spec.search_parts)}
         if spec.heldout_tasks:  # a search may have none: its report then compares nothing held out
             self.evaluators[HELDOUT, 0] = Evaluator(spec.eval_config, spec.heldout_tasks)
         if spec.selection_tasks:
             self.evaluators[SELECTION, 0] = Evaluator(spec.eval_config, spec.selection_tasks)
         if spec.eval_config.backend == "vllm":
-            from evaluators.vllm_backend import vllm_lm
+            from evaluators.vllm_backend import swap_weights, vllm_lm
 
-            self.model = None
-            self.lm = vllm_lm(skeleton, spec.eval_config)
+            # The sources live inside the engine's workers, on the engine's devices (engine_merge.py).
+            self.session = self.model = None
+            self.lm = vllm_lm(skeleton, spec.eval_config, worker_extension=ENGINE_MERGE)
+            swap_weights(self.lm, "evomerge_open", list(spec.models), spec.lean)
             return
         from evaluators import hf_lm
+
+        self.session = MergeSession(list(spec.models), device=self.device, lean=spec.lean)
 
         tokenizer = AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -104,10 +111,6 @@ class CandidateWorker:
         if self.model is not None:
             self.session.apply(recipe, self.model, seed=seed)
             return
-        from evaluators.vllm_backend import load_candidate
+        from evaluators.vllm_backend import swap_weights
 
-        tensors = self.session.materialize(recipe, seed=seed)
-        bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
-        if bad:
-            raise InputError(recipe.where, None, f"merged tensor {bad} has NaN or infinite values")
-        load_candidate(self.lm, tensors, self.spec.eval_config)
+        swap_weights(self.lm, "evomerge_apply", recipe.to_yaml(), seed)
