@@ -70,7 +70,7 @@ def cmd_ui(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from search.demo import run_demo
 
-    run_demo(Path(args.out), size=args.size, trials=args.trials)
+    run_demo(Path(args.out), size=args.size, trials=args.trials, backend=args.backend)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="evomerge-demo", help="demo directory (default: ./evomerge-demo)")
     demo.add_argument("--size", default="demo", choices=["test", "demo"], help="toy family size (default: demo)")
     demo.add_argument("--trials", type=int, help="search this many trials instead of configs/demo.yml's 60")
+    demo.add_argument(
+        "--backend",
+        default="hf",
+        choices=["hf", "vllm"],
+        help="score candidates in memory with HF (default) or in vLLM",
+    )
     demo.set_defaults(run=cmd_demo)
 
     toy = commands.add_parser("toy-family", help="build the tiny char-level Llama family used by tests and demo")

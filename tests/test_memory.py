@@ -229,3 +229,32 @@ def test_device_memory_takes_sizes_with_units(tmp_path):
         assert config.execution.device_memory == expected
     with pytest.raises(InputError, match=r"execution\.device_memory: expected bytes or a size like '80GB'"):
         search_config(tmp_path, models, "linear", execution={"device_memory": "lots"})
+
+
+def test_a_vllm_engine_shares_the_gpu_with_the_sources_and_is_told_what_to_lower(tmp_path):
+    models = header_only_family(tmp_path, LLAMA_7B)
+    count = numel(llama_shapes(LLAMA_7B))
+    infos = [read_info(str(m)) for m in models]
+    vllm = {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.8}}
+    config = search_config(tmp_path, models, "linear", evaluation=vllm)
+    plan = plan_memory(config, infos)
+    # The engine claims its share of the GPU (weights, KV cache, activations) in place of the live model.
+    assert plan.terms == {"sources": 4 * count * 2, "vLLM engine": 64 * 10**9}
+    with pytest.raises(InputError) as caught:
+        check_memory(config, plan)
+    assert str(caught.value) == f"{tmp_path / 'search.yml'}: " + (
+        "evaluation.vllm.gpu_memory_utilization: expected the run to fit in the 80.0 GB of cuda:0, got "
+        "117.9 GB; the biggest term is vLLM engine, 64.0 GB: vLLM claims 0.8 of the GPU and the merge sources share "
+        "it: lower it to what the engine's weights and KV cache need"
+    )
+    lower = search_config(tmp_path, models, "linear", evaluation={**vllm, "vllm": {"gpu_memory_utilization": 0.3}})
+    check_memory(lower, plan_memory(lower, infos))  # 53.9 GB of sources + 24 GB for the engine: fits
+    # On CPU: the engine's weights plus the KV cache it was given.
+    cpu = search_config(
+        tmp_path,
+        models,
+        "linear",
+        evaluation={"backend": "vllm", "vllm": {"kv_cache_memory": "2GiB"}},
+        execution={"device": "cpu", "device_memory": "200GB"},
+    )
+    assert plan_memory(cpu, infos).terms == {"sources": 4 * count * 2, "live model": count * 2, "KV cache": 2 * 2**30}

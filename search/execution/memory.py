@@ -4,7 +4,9 @@ From safetensors headers and config.json only (merge_core.memory, evaluators.mem
 planned without loading it. Per worker, resident for the whole run:
     sources, casts, prepared    its MergeSession (merge_core/memory.py)
     live model                  the model candidates are written into, in the evaluation dtype
-plus, while it scores, the evaluation workspace (an upper bound: a warning, never a refusal). Each worker
+With the vLLM backend the sources live in the engine's worker, beside the engine: on a GPU the engine claims
+gpu_memory_utilization of it (its weights, KV cache and activations) in place of the live model; on CPU its
+weights plus evaluation.vllm.kv_cache_memory. Plus, while it scores, the evaluation workspace (an upper bound: a warning, never a refusal). Each worker
 loads its own sources, so workers sharing a device (several on one host, or fractional GPUs) multiply it.
 """
 
@@ -72,13 +74,19 @@ def plan_memory(config: SearchConfig, infos: list[CheckpointInfo]) -> MemoryPlan
     eval_dtype = DTYPES.get(config.evaluation.dtype)  # None for 'auto': the checkpoint's own
     live = tensor_bytes(skeleton, eval_dtype)
     fast = {"sources": session.sources, "merge-dtype casts": session.casts, "task vectors and ranks": session.prepared}
-    fast = {name: size for name, size in fast.items() if size} | {"live model": live}
-    lean = {"sources": session.sources, "one tensor's working set": session.largest_tensor, "live model": live}
+    device = worker_device(config)
+    shared, has = sharing(config, device), available(config, device)
+    engine = {"live model": live}
+    options = config.evaluation.vllm
+    if config.evaluation.backend == "vllm" and device != "cpu" and has is not None:
+        engine = {"vLLM engine": int(options.gpu_memory_utilization * has)}
+    elif config.evaluation.backend == "vllm" and options.kv_cache_memory is not None:
+        engine |= {"KV cache": options.kv_cache_memory}
+    fast = {name: size for name, size in fast.items() if size} | engine
+    lean = {"sources": session.sources, "one tensor's working set": session.largest_tensor, **engine}
     itemsize = (eval_dtype or Counter(skeleton.dtypes.values()).most_common(1)[0][0]).itemsize
     max_length = config.evaluation.model_args.get("max_length")
     scoring = workspace(skeleton.config, config.evaluation.batch_size, max_length, itemsize)
-    device = worker_device(config)
-    shared, has = sharing(config, device), available(config, device)
     mode = config.merge.memory
     if mode == "auto":  # lean only where it is needed: it recomputes per candidate what fast keeps
         mode = "lean" if has is not None and shared * sum(fast.values()) > has and session.largest_tensor else "fast"
@@ -155,5 +163,14 @@ ADVICE = {
     "live model": lambda c: (
         "evaluation.dtype",
         f"the live model in {c.evaluation.dtype}: evaluate in the sources' own dtype (evaluation.dtype: auto)",
+    ),
+    "vLLM engine": lambda c: (
+        "evaluation.vllm.gpu_memory_utilization",
+        f"vLLM claims {c.evaluation.vllm.gpu_memory_utilization:g} of the GPU and the merge sources share it: "
+        "lower it to what the engine's weights and KV cache need",
+    ),
+    "KV cache": lambda c: (
+        "evaluation.vllm.kv_cache_memory",
+        "a smaller KV cache (it holds batch × max length tokens)",
     ),
 }
