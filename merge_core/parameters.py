@@ -25,6 +25,9 @@ class Filtered:
 
     filter: str | None
     value: Scalar | Gradient
+    # Some recipes name tensors with `pattern:`, a key mergekit 0.1.5 drops unread: such an entry matches by its
+    # filter alone, or every tensor without one. Kept only to write the recipe back as read and to warn about it.
+    pattern: str | None = None
 
 
 ParameterValue = Scalar | Gradient | tuple[Filtered, ...]
@@ -55,7 +58,7 @@ def _scalar_or_gradient(raw: object) -> Scalar | Gradient:
 def _filtered(raw: object, index: int) -> Filtered:
     if not isinstance(raw, dict):
         raise ValueError(f"entry {index}: expected {{filter: substring, value: ...}}, got {raw!r}")
-    unknown = sorted(set(raw) - {"filter", "value"}, key=str)
+    unknown = sorted(set(raw) - {"filter", "value", "pattern"}, key=str)
     if unknown:
         raise ValueError(f"entry {index}: unknown key {unknown[0]!r}; expected filter and value")
     if "value" not in raw:
@@ -65,10 +68,16 @@ def _filtered(raw: object, index: int) -> Filtered:
         raise ValueError(
             f"entry {index}: filter: expected a non-empty substring of tensor names (omit it to match all)"
         )
+    pattern = raw.get("pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise ValueError(
+            f"entry {index}: pattern: expected a string (mergekit ignores it: prefer filter), got {pattern!r}"
+        )
     try:
-        return Filtered(name_filter, _scalar_or_gradient(raw["value"]))
+        value = _scalar_or_gradient(raw["value"])
     except ValueError as error:
         raise ValueError(f"entry {index}: value: {error}") from None
+    return Filtered(name_filter, value, pattern)
 
 
 def parse_value(raw: object) -> ParameterValue:
@@ -88,6 +97,8 @@ def dump_value(value: ParameterValue) -> object:
         entries = []
         for entry in value:
             data = {} if entry.filter is None else {"filter": entry.filter}
+            if entry.pattern is not None:
+                data["pattern"] = entry.pattern
             data["value"] = list(entry.value) if isinstance(entry.value, tuple) else entry.value
             entries.append(data)
         return entries
@@ -103,6 +114,11 @@ def kind_error(value: ParameterValue, param: Param) -> str | None:
     elif any(isinstance(leaf, bool) for leaf in leaves):
         return "expected a number, a gradient list of numbers, or a filter list of them, not true/false"
     return None
+
+
+def pattern_entries(value: ParameterValue) -> list[tuple[int, Filtered]]:
+    """The filter entries of `value` that carry the `pattern:` key mergekit ignores, with their indices."""
+    return [(i, entry) for i, entry in enumerate(value) if entry.pattern is not None] if _is_filter_list(value) else []
 
 
 def is_switch(param: Param) -> bool:

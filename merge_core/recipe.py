@@ -5,6 +5,7 @@ methods registered in merge_core.methods (their parameters, base policy and inpu
 unknown keys and parameters are errors, since a typo there would silently fall back to a default.
 """
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,9 +27,12 @@ from pydantic import (
     model_validator,
 )
 
+from merge_core.chat_template import check_chat_template
 from merge_core.errors import InputError, from_validation
 from merge_core.methods import METHODS, MergeMethod
-from merge_core.parameters import ParameterValue, dump_value, kind_error, parse_value
+from merge_core.parameters import ParameterValue, dump_value, kind_error, parse_value, pattern_entries
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
@@ -125,7 +129,7 @@ class Recipe(_Strict):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: Annotated[str, PlainValidator(_tokenizer_source)] | None = None
-    chat_template: str | None = None
+    chat_template: Annotated[str, PlainValidator(check_chat_template)] | None = None
 
     _where: str = PrivateAttr("<dict>")
 
@@ -300,8 +304,13 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
     scopes = [("parameters", recipe.parameters, False)]
     scopes += [(f"{piece.path}.parameters", piece.parameters, False) for piece in pieces]
     scopes += [(f"{source.path}.parameters", source.parameters, True) for piece in pieces for source in piece.inputs]
+    # What mergekit accepts but never reads: said once the whole recipe is known to be good, so never before an error.
+    no_effect: list[tuple[str, str]] = []
     for path, parameters, per_input in scopes:
         for name, value in (parameters or {}).items():
+            if name in method.ignored_params:
+                no_effect.append((f"{path}.{name}", f"mergekit 0.1.5's {method.name} does not read it"))
+                continue
             param = method.param(name)
             if param is None:
                 raise InputError(
@@ -316,6 +325,11 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
             problem = kind_error(value, param)
             if problem:
                 raise InputError(where, f"{path}.{name}", problem)
+            for index, entry in pattern_entries(value):
+                matches = "every tensor" if entry.filter is None else f"by filter {entry.filter!r} alone"
+                no_effect.append(
+                    (f"{path}.{name}[{index}].pattern", f"mergekit 0.1.5 ignores it, so this entry matches {matches}")
+                )
 
     # Required parameters must be set somewhere each input (or slice) can read them; a filter list that
     # matches no entry for some tensor is only found when planning.
@@ -351,3 +365,5 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
                     f"{source.path}.parameters.{param.name}",
                     f"required by {method.name}: set it {levels} in the top-level parameters",
                 )
+    for field_path, why in no_effect:
+        logger.warning("%s: %s: has no effect: %s", where, field_path, why)

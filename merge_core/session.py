@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from merge_core import architecture
+from merge_core.chat_template import template_text
 from merge_core.errors import InputError
 from merge_core.methods import MergeInputs
 from merge_core.plan import MergePlan, TensorJob, plan_merge
@@ -77,12 +78,17 @@ class MergeSession:
             config["dtype"] = str(out_dtype).removeprefix("torch.")
         tokenizer_ref = recipe.tokenizer_source
         tokenizer_dir = donor.path if tokenizer_ref in (None, "base") else self._checkpoint(tokenizer_ref, recipe).path
+        # `auto` finding no template leaves the tokenizer copied as it is (mergekit rewrites it, unchanged but for
+        # the loading flags transformers saves along).
+        model_dirs = [self.checkpoints[ref].path for ref in recipe.model_refs()]
+        chat_template = recipe.chat_template and template_text(recipe.chat_template, model_dirs)
         return write_checkpoint(
             Path(out_dir),
             self.merged_tensors(plan, seed),
             config=config,
             tokenizer_dir=tokenizer_dir,
             recipe_yaml=recipe.to_yaml(),
+            chat_template=chat_template,
             shard_bytes=shard_bytes,
         )
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from merge_core.chat_template import save_tokenizer
+
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = (
     "tokenizer_config.json",
@@ -24,8 +26,10 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
-    "generation_config.json",
 )
+# Not a tokenizer file, but it travels with one: kept even when the tokenizer is rewritten for a chat template
+# (mergekit's rewrite drops it).
+GENERATION_CONFIG = "generation_config.json"
 
 
 def write_checkpoint(
@@ -35,15 +39,22 @@ def write_checkpoint(
     config: dict,
     tokenizer_dir: Path,
     recipe_yaml: str,
+    chat_template: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
+    """`chat_template`: Jinja text for the tokenizer, which is then rewritten through transformers, not copied."""
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         write_shards(staging, tensors, shard_bytes)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
+        if chat_template is None:
+            copied = (*TOKENIZER_FILES, GENERATION_CONFIG)
+        else:
+            save_tokenizer(tokenizer_dir, staging, chat_template)
+            copied = (GENERATION_CONFIG,)
+        for name in copied:
             if (tokenizer_dir / name).exists():
                 shutil.copy(tokenizer_dir / name, staging / name)
         (staging / "mergekit_config.yml").write_text(recipe_yaml)
@@ -57,6 +68,7 @@ def write_checkpoint(
 def write_shards(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], shard_bytes: int) -> None:
     """Fill shards up to `shard_bytes` each, holding at most one shard's tensors in memory."""
     shards: list[dict[str, torch.Tensor]] = [{}]
+    storages: set[int] = set()  # the storage of every tensor in the current shard
     shard_files: list[Path] = []
     size = total = 0
 
@@ -65,6 +77,7 @@ def write_shards(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], s
         save_file(shards[-1], path, metadata={"format": "pt"})
         shard_files.append(path)
         shards[-1] = {}
+        storages.clear()
 
     weight_map: dict[str, int] = {}
     for name, tensor in tensors:
@@ -72,7 +85,13 @@ def write_shards(directory: Path, tensors: Iterable[tuple[str, torch.Tensor]], s
         if shards[-1] and size + nbytes > shard_bytes:
             flush()
             size = 0
-        shards[-1][name] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.untyped_storage().data_ptr() in storages:
+            # A frankenmerge that reuses a layer yields the same source tensor under two names, and safetensors
+            # refuses tensors sharing memory in one file: copy the repeat, only here, where a file needs it.
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        shards[-1][name] = tensor
         weight_map[name] = len(shard_files)
         size += nbytes
         total += nbytes

@@ -39,4 +39,5 @@ METHOD = MergeMethod(
     params=(Param("filter_wise", per_model=False, default=False),),
     base="required",
     min_models=3,
+    ignored_params=("weight",),  # model stock derives each model's share from the angles between them
 )

@@ -71,4 +71,5 @@ METHOD = MergeMethod(
     min_models=2,
     max_models=2,
     prepare=prepare,
+    ignored_params=("embed_slerp",),
 )

@@ -71,6 +71,9 @@ class MergeMethod:
     # draws over a whole tensor: TIES' top-k, slerp's angle, DARE's one RNG stream in tensor order.
     elementwise: bool = False
     aliases: tuple[str, ...] = field(default=())
+    # Parameter names that published recipes give this method and mergekit 0.1.5 takes without reading (it skips
+    # any name its method does not declare): accepted with a warning, unlike other unknown names (likely typos).
+    ignored_params: tuple[str, ...] = ()
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
