@@ -145,8 +145,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         for mode in ("fast", "lean"):
-            command = [sys.executable, __file__, "--device", args.device, "--child", method, mode, str(root)]
-            result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+            result = measured(["--device", args.device], method, mode, root)
             peak, floor, runtime = result["peak"], result["floor"], result["runtime"]
             print(
                 f"| {method} | {mode} | {peak / 1e9:.2f} GB | {runtime / 1e9:.2f} GB | {floor / 1e9:.2f} GB "
@@ -154,6 +153,13 @@ def main() -> None:
                 f"| {result['planned'] / floor:.2f}× | {result['seconds']:.2f} s |",
                 flush=True,
             )
+
+
+def measured(flags: list[str], method: str, mode: str, root: Path) -> dict:
+    """One child's figures, from a fresh process so that peaks do not mix (vLLM may log to stdout first)."""
+    command = [sys.executable, __file__, *flags, "--child", method, mode, str(root)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def engine_table(args: argparse.Namespace, root: Path) -> None:
@@ -166,12 +172,7 @@ def engine_table(args: argparse.Namespace, root: Path) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         for mode in ("fast", "lean"):
-            results = []
-            for flag in (["--engine"], []):
-                command = [sys.executable, __file__, *flag, "--child", method, mode, str(root)]
-                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-                results.append(json.loads(out.strip().splitlines()[-1]))
-            engine, hf = results
+            engine, hf = measured(["--engine"], method, mode, root), measured([], method, mode, root)
             print(
                 f"| {method} | {mode} | {engine['seconds']:.3f} s | {hf['seconds']:.3f} s "
                 f"| {engine['over'] / 1e6:.1f} MB | {hf['over'] / 1e6:.1f} MB | {engine['tensor'] / 1e6:.1f} MB "
