@@ -45,6 +45,20 @@ class MergeSession:
         self._casts: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
         self._prepared: dict[tuple, dict] = {}
 
+    def add_merged(self, name: str, recipe: Recipe, seed: int = 0) -> None:
+        """Keep `recipe`'s merge resident as one more source named `name` (a two-stage merge's first stage,
+        which the second then reads like any model). It must keep the sources' depth and tensor names."""
+        plan = self.plan(recipe)
+        if plan.num_hidden_layers != self.num_layers:
+            raise InputError(
+                recipe.where, "slices", f"expected a merge of all {self.num_layers} layers, got {plan.num_hidden_layers}"
+            )
+        donor = self.checkpoints[plan.base_model or plan.models[0]]
+        tensors = dict(self.merged_tensors(plan, seed))
+        shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+        dtypes = {key: tensor.dtype for key, tensor in tensors.items()}
+        self.checkpoints[name] = Checkpoint(name, donor.path, donor.config, shapes, dtypes, tensors)
+
     def plan(self, recipe: Recipe) -> MergePlan:
         loaded = list(self.checkpoints)
         for ref in recipe.model_refs():

@@ -116,9 +116,45 @@ class MergeConfig(Section):
         return METHODS[self.method]
 
 
-class GenomeConfig(Section):
-    """Which parameters are searched and how finely (see search/genome.py for the layout)."""
+class DataFlowConfig(Section):
+    """The layer-path genome (search/genome/data_flow.py): the sources' layers laid out layer by layer,
+    `repeats` times, one include gene and one residual scale gene per slot."""
 
+    repeats: int = Field(2, ge=1, le=8)
+    min_layers: int = Field(1, ge=1)
+    max_layers: int | None = Field(None, ge=1)  # None: twice the sources' depth
+    scale_bounds: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.5, 1.5]
+    include_base: bool = False  # the base's layers as slots too, beside the fine-tunes'
+    # ps+dfs: the weight-space merge whose layers join the sources' (a finished search's best.yml, or any
+    # recipe over these models), materialized once per worker
+    stage1: Path | None = None
+
+    @field_validator("stage1", mode="before")
+    @classmethod
+    def _resolve_stage1(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve(value, info) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        low, high = self.scale_bounds
+        if not 0 <= low < high:
+            raise FieldProblem("scale_bounds", f"expected [lower, upper] with 0 <= lower < upper, got {[low, high]}")
+        if self.max_layers is not None and self.max_layers < self.min_layers:
+            raise FieldProblem(
+                "max_layers", f"expected at least min_layers ({self.min_layers}), got {self.max_layers}"
+            )
+        return self
+
+
+GenomeKind = Literal["ps", "dfs", "ps+dfs"]
+
+
+class GenomeConfig(Section):
+    """What is searched: merge parameters per layer and module (kind ps, the default; see
+    search/genome/parameter_space.py), layer paths (dfs), or paths over a fixed merge and the sources (ps+dfs)."""
+
+    kind: GenomeKind = "ps"
+    dfs: DataFlowConfig | None = None  # dfs / ps+dfs: the path genome (defaults when absent)
     params: list[str] | None = None  # None: whichever of weight / density / t the method has and are not fixed
     bounds: dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]] = {}
     layer_granularity: int = Field(1, ge=1)
@@ -331,8 +367,13 @@ class SearchConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Self:
-        self._check_method()
-        self._check_genome()
+        if self.genome.kind == "ps":
+            if self.genome.dfs is not None:
+                raise FieldProblem("genome.dfs", "expected it only with genome.kind dfs or ps+dfs")
+            self._check_method()
+            self._check_genome()
+        else:
+            self._check_data_flow()
         self._check_objectives()
         if self.selection is not None and self.fitness.limit is None:
             raise FieldProblem(
@@ -346,6 +387,38 @@ class SearchConfig(Section):
         if self.optimizer.seed is None:
             self.optimizer.seed = self.seed
         return self
+
+    def _check_data_flow(self) -> None:
+        """A path genome stacks layers (exported as passthrough slices) and evaluates the sources' own tensors."""
+        genome = self.genome
+        if genome.dfs is None:
+            genome.dfs = DataFlowConfig()
+        kind = genome.kind
+        if self.merge.method != "passthrough":
+            raise FieldProblem(
+                "merge.method",
+                f"expected passthrough with genome.kind {kind} (a layer path is exported as passthrough slices), "
+                f"got {self.merge.method!r}",
+            )
+        if genome.params:
+            raise FieldProblem("genome.params", f"expected none with genome.kind {kind} (it searches layer paths)")
+        genome.params = []
+        if self.optimizer.coarse_to_fine:
+            raise FieldProblem("optimizer.coarse_to_fine", f"expected false with genome.kind {kind}: it has no knobs")
+        if self.evaluation.backend != "hf":
+            raise FieldProblem(
+                "evaluation.backend",
+                f"expected hf with genome.kind {kind} (a vLLM engine's depth is fixed when it starts), "
+                f"got {self.evaluation.backend!r}",
+            )
+        if self.evaluation.dtype != "auto":
+            raise FieldProblem(
+                "evaluation.dtype",
+                f"expected auto with genome.kind {kind}: paths are scored on the sources' own tensors, uncast",
+            )
+        if (kind == "ps+dfs") != (genome.dfs.stage1 is not None):
+            expected = "the weight-space recipe (e.g. a finished search's best.yml)" if kind == "ps+dfs" else "none"
+            raise FieldProblem("genome.dfs.stage1", f"expected {expected} with genome.kind {kind}")
 
     def _check_method(self) -> None:
         name = self.merge.method

@@ -8,13 +8,12 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 
 from search.config import BudgetConfig, SearchConfig
 from search.execution.preflight import preflight, worker_spec
 from search.execution.worker import HELDOUT, SEARCH, CandidateWorker, Job
 from search.fitness.rungs import Rungs
-from search.genome import Genome
+from search.genome import Genome, PathGenome, make_genome
 from search.genome.coarse import coarse_grid, knob_values
 from search.optimizers import advice, check_fits
 from search.results import baselines
@@ -24,7 +23,7 @@ def plan_search(config_path: Path) -> str:
     config = SearchConfig.from_yaml(config_path)
     started = time.perf_counter()
     checked = preflight(config)
-    genome = Genome(config, checked.tensor_names, checked.num_layers)
+    genome = make_genome(config, checked.tensor_names, checked.num_layers)
     check_fits(config, genome)  # before timing a candidate: a search that cannot run needs no projection
     defaults = genome.default_candidates()
     x = defaults[0] if defaults else (genome.lower + genome.upper) / 2
@@ -59,8 +58,7 @@ def plan_search(config_path: Path) -> str:
     final_s += (parents + references + 3) * (steady.merge_s + heldout_s) / workers
     lines = [
         f"config        {config.where}: valid; {len(config.models.fine_tunes)} fine-tunes of {config.models.base}",
-        f"genome        {genome.dim} genes ({config.merge.method}: {', '.join(config.genome.params)}), "
-        f"{checked.num_layers} layers, bounds {np.round(genome.lower.min(), 3)}..{np.round(genome.upper.max(), 3)}",
+        f"genome        {genome.describe()}",
         f"optimizer     {advice(config, genome)}",
         f"start         {start_line(config, genome)}",
         f"objectives    {', '.join(f'{o.task} ({o.metric}, {o.direction})' for o in config.objectives)}",
@@ -78,7 +76,7 @@ def plan_search(config_path: Path) -> str:
     return "\n".join(lines)
 
 
-def start_line(config: SearchConfig, genome: Genome) -> str:
+def start_line(config: SearchConfig, genome: Genome | PathGenome) -> str:
     """What is asked before the optimizer's own proposals."""
     defaults = len(genome.default_candidates()) if config.optimizer.warm_start else 0
     said = f"the method's {defaults} default recipe(s) first" if defaults else "the optimizer's own proposals"

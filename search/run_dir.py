@@ -8,6 +8,7 @@
       mlflow.db, mlartifacts/   MLflow's runs (when tracking.mlflow_uri is left at its default)
       tracking.json         which MLflow parent run this search logs into
       recipes/trial-N.yml   the recipe of every trial, written when it is asked
+      recipes/stage1.yml    ps+dfs: the stage-1 merge the paths read (as the run started with it)
       item_scores/<key>.json   per-item scores by recipe and split, part by part (the score cache)
       heldout_items.json    per-item held-out scores of every compared entry
       summary.json, report.md, best.yml   the results
@@ -88,6 +89,10 @@ class RunDir:
     @property
     def recipes(self) -> Path:
         return self.path / "recipes"
+
+    @property
+    def stage1(self) -> Path:
+        return self.recipes / "stage1.yml"
 
     def trial_recipe(self, number: int) -> Path:
         return self.recipes / f"trial-{number}.yml"

@@ -22,6 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from merge_core import InputError, Recipe
+from merge_core.layer_path import LayerPath
 from search.config import SearchConfig
 from search.execution.pool import Outcome, WorkerPool
 from search.execution.preflight import preflight, worker_spec
@@ -30,7 +31,7 @@ from search.execution.worker import SEARCH, CandidateWorker, Job, JobResult
 from search.fitness import Objectives
 from search.fitness.rungs import RUNG_FITNESS, Rungs
 from search.fitness.score_cache import ScoreCache, combine, recipe_key
-from search.genome import Genome
+from search.genome import make_genome
 from search.genome.coarse import coarse_grid
 from search.optimizers import Optimizer, check_fits, make_optimizer
 from search.optimizers.base import FINISHED, INTERRUPTED, ITEMS
@@ -48,7 +49,7 @@ class Search:
         RunDir(config.output_dir).expect_search(resume, config.where)
         checked = preflight(config)  # before the run dir exists: bad input leaves nothing behind
         self.memory = checked.memory
-        self.genome = Genome(config, checked.tensor_names, checked.num_layers)
+        self.genome = make_genome(config, checked.tensor_names, checked.num_layers)
         check_fits(config, self.genome)  # its size is known only now; still before the run dir and Ray
         self.run_dir = RunDir.open(config.output_dir) if resume else RunDir.create(config.output_dir, config.where)
         if not resume:
@@ -56,6 +57,8 @@ class Search:
             self.run_dir.write_text(
                 self.run_dir.resolved_config, f"# {config.where}, every default filled in\n{resolved}"
             )
+            if checked.stage1 is not None:  # what export writes as the first of the two stages
+                self.run_dir.write_text(self.run_dir.stage1, checked.stage1.to_yaml())
         self.objectives = Objectives.of(config)
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO ('A new study created') is no progress
         self.optimizer: Optimizer = make_optimizer(config, self.genome, self.run_dir, resume)
@@ -102,6 +105,7 @@ class Search:
                 eval_s=0.0,
                 error="reason lost: the run was killed before logging this trial" if failed else None,
                 items=spent.get(trial.number),
+                path=self.path_line(self.run_dir.read_text(self.run_dir.trial_recipe(trial.number))),
             )
 
     # -- the search phase -----------------------------------------------------------------------------------
@@ -253,11 +257,19 @@ class Search:
             fidelity=self.rungs.sizes[rung] if values and self.rungs.top else None,
             node=candidate.node or None,
             worker=candidate.worker or None,
+            path=self.path_line(candidate.recipe_yaml),
         )
         front = Front.of(self.completed(), self.objectives)
         self.progress(number, items, values, error, stopped_at, front)
         if values and not stopped_at:
             self.tracker.log_step(self.optimizer.n_done, front.best, front.hypervolume)
+
+    def path_line(self, recipe_yaml: str) -> str | None:
+        """A layer-path trial's path in one line ('cae 0-1, rev 1 ×0.8'); None for a parameter-space search."""
+        if self.config.genome.kind == "ps":
+            return None
+        path = LayerPath.of(Recipe.from_yaml(recipe_yaml))
+        return path.describe(lambda ref: Path(ref).name or ref) if path else None
 
     def progress(
         self,

@@ -82,8 +82,10 @@ def plan_memory(config: SearchConfig, infos: list[CheckpointInfo]) -> MemoryPlan
         engine = {"vLLM engine": int(options.gpu_memory_utilization * has)}
     elif config.evaluation.backend == "vllm" and options.kv_cache_memory is not None:
         engine |= {"KV cache": options.kv_cache_memory}
-    fast = {name: size for name, size in fast.items() if size} | engine
-    lean = {"sources": session.sources, "one tensor's working set": session.largest_tensor, **engine}
+    # ps+dfs keeps its stage-1 merge resident beside the sources: one more model
+    stage1 = {"stage-1 merge": tensor_bytes(skeleton, merge_dtype)} if config.genome.kind == "ps+dfs" else {}
+    fast = {name: size for name, size in fast.items() if size} | stage1 | engine
+    lean = {"sources": session.sources, "one tensor's working set": session.largest_tensor, **stage1, **engine}
     itemsize = (eval_dtype or Counter(skeleton.dtypes.values()).most_common(1)[0][0]).itemsize
     max_length = config.evaluation.model_args.get("max_length")
     scoring = workspace(skeleton.config, config.evaluation.batch_size, max_length, itemsize)
@@ -159,6 +161,11 @@ ADVICE = {
     "one tensor's working set": lambda c: (
         "merge.method",
         f"{c.merge.method}'s task vectors of the largest tensor alone: fewer fine-tunes, or a device with more memory",
+    ),
+    "stage-1 merge": lambda c: (
+        "genome.kind",
+        "ps+dfs keeps its stage-1 merge resident beside the sources: genome.kind dfs searches paths over the "
+        "sources alone",
     ),
     "live model": lambda c: (
         "evaluation.dtype",

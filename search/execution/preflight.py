@@ -14,10 +14,14 @@ import torch
 from evaluators import Evaluator
 from merge_core import architecture
 from merge_core.errors import InputError
+from merge_core.layer_path import check_path_architecture
+from merge_core.plan import plan_merge
+from merge_core.recipe import Recipe
 from merge_core.sources import check_compatible, read_info
 from search.config import SearchConfig
 from search.execution.memory import MemoryPlan, check_memory, plan_memory
 from search.execution.worker import WorkerSpec
+from search.genome.data_flow import STAGE1
 
 Sizes = dict[str, dict[str, int]]  # Evaluator.sizes(): spec task -> the tasks it resolves to -> their items
 
@@ -27,6 +31,7 @@ class Preflight:
     tensor_names: list[str]
     num_layers: int
     memory: MemoryPlan
+    stage1: Recipe | None = None  # ps+dfs's weight merge
 
 
 def preflight(config: SearchConfig) -> Preflight:
@@ -41,12 +46,41 @@ def preflight(config: SearchConfig) -> Preflight:
     memory = plan_memory(config, infos)
     check_memory(config, memory)
     names = list(infos[0].shapes)
+    if config.genome.kind != "ps":
+        check_path_architecture(names, config.where, "genome.kind")
     # The first rung's part: binding it checks the metric averages items, which rungs need (the same sizes).
     searched = Evaluator(config.eval_config(), config.search_parts()[0]).sizes()
     held_out = Evaluator(config.eval_config(), config.held_out_specs()).sizes() if config.held_out.tasks else {}
     check_held_out(config, searched, held_out)
     check_items(config, searched)
-    return Preflight(tensor_names=names, num_layers=architecture.num_layers(names), memory=memory)
+    stage1 = stage1_recipe(config)
+    return Preflight(tensor_names=names, num_layers=architecture.num_layers(names), memory=memory, stage1=stage1)
+
+
+def stage1_recipe(config: SearchConfig) -> Recipe | None:
+    """ps+dfs's weight merge (genome.dfs.stage1), checked to read only this search's models and to keep their
+    depth, since paths index its layers like theirs; None for other genome kinds."""
+    if config.genome.kind != "ps+dfs":
+        return None
+    path = config.genome.dfs.stage1
+    recipe = Recipe.from_yaml(path)  # its own problems name its own file
+    known = [config.models.base, *config.models.fine_tunes]
+    for ref in recipe.model_refs():
+        if ref not in known:
+            raise InputError(
+                config.where,
+                "genome.dfs.stage1",
+                f"expected a merge of this search's models (named as models: resolves them, {known[0]!r} ...), "
+                f"but {path} reads {ref!r}",
+            )
+    tensor_names = list(read_info(config.models.base).shapes)
+    depth = architecture.num_layers(tensor_names)
+    merged = plan_merge(recipe, tensor_names, depth).num_hidden_layers
+    if merged != depth:
+        raise InputError(
+            config.where, "genome.dfs.stage1", f"expected a merge of all {depth} layers, but {path} has {merged}"
+        )
+    return recipe
 
 
 def check_held_out(config: SearchConfig, searched: Sizes, held_out: Sizes) -> None:
@@ -100,6 +134,7 @@ def check_device(config: SearchConfig) -> None:
 
 
 def worker_spec(config: SearchConfig, memory: MemoryPlan) -> WorkerSpec:
+    stage1 = stage1_recipe(config)
     return WorkerSpec(
         models=(config.models.base, *config.models.fine_tunes),
         device=config.execution.device,
@@ -110,4 +145,5 @@ def worker_spec(config: SearchConfig, memory: MemoryPlan) -> WorkerSpec:
         selection_tasks=tuple(config.selection_specs()),
         threads=max(1, (os.cpu_count() or 1) // config.execution.workers),
         trust_remote_code=config.trust_remote_code,
+        stages=((STAGE1, stage1.to_yaml(), config.seed),) if stage1 else (),
     )

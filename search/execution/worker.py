@@ -8,6 +8,8 @@ import torch
 
 from evaluators import EvalConfig, Evaluator, TaskSpec
 from merge_core import MergeSession, Recipe
+from merge_core.layer_path import LayerPath
+from merge_core.path_model import PathModel
 from merge_core.sources import resolve_model_dir
 
 # Mixed into vLLM's engine workers so the merge runs where the engine's weights live.
@@ -28,6 +30,8 @@ class WorkerSpec:
     threads: int | None = None
     trust_remote_code: bool = False
     lean: bool = False  # the merge session's mode (merge.memory, as the memory plan resolved it)
+    # Merges kept resident as extra sources, (name, recipe YAML, seed): ps+dfs's stage 1, which paths read.
+    stages: tuple[tuple[str, str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,10 @@ class CandidateWorker:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.live: tuple[str, int] | None = None  # (recipe YAML, seed) of the weights the live model holds
+        # (recipe YAML, seed, the lm-eval model scoring it) of the candidate live now
+        self.live: tuple[str, int, object] | None = None
+        self.paths: PathModel | None = None  # built on the first layer-path candidate
+        self.path_lm = None
         # 'auto' is resolved here, not by the driver: on a cluster the worker's node decides what it has
         if spec.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,8 +90,10 @@ class CandidateWorker:
         from evaluators import hf_lm
 
         self.session = MergeSession(list(spec.models), device=self.device, lean=spec.lean)
+        for name, recipe_yaml, seed in spec.stages:
+            self.session.add_merged(name, Recipe.from_yaml(recipe_yaml), seed)
 
-        tokenizer = AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(
             skeleton, dtype="auto", trust_remote_code=spec.trust_remote_code
         ).to(self.device)
@@ -94,12 +103,12 @@ class CandidateWorker:
     def run(self, job: Job) -> JobResult:
         start = time.perf_counter()
         # The candidate already live (its next rung, or another split): its weights are in place.
-        if (job.recipe_yaml, job.seed) != self.live:
+        if self.live is None or self.live[:2] != (job.recipe_yaml, job.seed):
             self.live = None  # a merge that fails half way leaves no candidate live
-            self._merge(Recipe.from_yaml(job.recipe_yaml), job.seed)
-            self.live = (job.recipe_yaml, job.seed)
+            lm = self._merge(Recipe.from_yaml(job.recipe_yaml), job.seed)
+            self.live = (job.recipe_yaml, job.seed, lm)
         merged = time.perf_counter()
-        scores = self.evaluators[job.split, job.part].evaluate(self.lm)
+        scores = self.evaluators[job.split, job.part].evaluate(self.live[2])
         return JobResult(
             scores={task: score.value for task, score in scores.items()},
             per_item={task: score.per_item for task, score in scores.items()},
@@ -107,10 +116,24 @@ class CandidateWorker:
             eval_s=time.perf_counter() - merged,
         )
 
-    def _merge(self, recipe: Recipe, seed: int) -> None:
-        if self.model is not None:
-            self.session.apply(recipe, self.model, seed=seed)
-            return
-        from evaluators.vllm_backend import swap_weights
+    def _merge(self, recipe: Recipe, seed: int):
+        """Make `recipe` the live candidate; returns the lm-eval model that now scores it."""
+        if self.model is None:
+            from evaluators.vllm_backend import swap_weights
 
-        swap_weights(self.lm, "evomerge_apply", recipe.to_yaml(), seed)
+            swap_weights(self.lm, "evomerge_apply", recipe.to_yaml(), seed)
+            return self.lm
+        path = LayerPath.of(recipe)
+        if path is None:
+            self.session.apply(recipe, self.model, seed=seed)
+            return self.lm
+        # A layer path is scored on a model whose layers are the sources' own: no merge, no copy.
+        if self.paths is None:
+            from evaluators import hf_lm
+
+            self.paths = PathModel(self.session, self.spec.trust_remote_code)
+            # never cast: the path model's tensors are the sources'
+            uncast = self.spec.eval_config.model_copy(update={"dtype": "auto"})
+            self.path_lm = hf_lm(self.paths.model, self.tokenizer, uncast)
+        self.paths.build(path)
+        return self.path_lm

@@ -86,6 +86,12 @@ class Genome:
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         return self.lower, self.upper
 
+    def describe(self) -> str:
+        """For `evomerge plan`: what the genes are."""
+        params = ", ".join(self.config.genome.params)
+        bounds = f"{np.round(self.lower.min(), 3)}..{np.round(self.upper.max(), 3)}"
+        return f"{self.dim} genes ({self.method.name}: {params}), {self.num_layers} layers, bounds {bounds}"
+
     def _module_parts(self, layer_tensors: list[str]) -> list[str | None]:
         filters = self.config.genome.filters
         for index, name in enumerate(filters):

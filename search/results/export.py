@@ -7,19 +7,26 @@ import yaml
 
 from merge_core import Recipe
 from merge_core.errors import InputError
+from search.genome.data_flow import STAGE1
 from search.results.summary import FrontMember, RunSummary, read_summary
 from search.run_dir import RunDir
 
 
-def export_text(recipe_yaml: str, seed: int, about: str = "evolved by evomerge") -> str:
+def export_text(run: RunDir, recipe_yaml: str, seed: int, about: str = "evolved by evomerge") -> str:
     """The recipe under a header: what it is (`about`, one comment line per line) and how to reproduce it (the
-    seed matters for DARE/DELLA)."""
+    seed matters for DARE/DELLA). A layer path over a ps+dfs stage-1 merge is written as mergekit-multi's
+    two-document form: the stage-1 merge named `stage1`, then the path reading it by that name."""
     recipe = Recipe.from_yaml(recipe_yaml)
+    header = "".join(f"# {line}\n" for line in about.splitlines())
+    if STAGE1 in recipe.model_refs():
+        stage1 = Recipe.from_yaml(run.read_text(run.stage1)).model_copy(update={"name": STAGE1})
+        seeded = f" --random-seed {seed}" if stage1.method.random else ""
+        how = f"# reproduce: mergekit-multi THIS_FILE --intermediate-dir STAGES_DIR --out-path OUT_DIR{seeded}  (on CPU)\n"
+        return f"{header}{how}{stage1.to_yaml()}---\n{recipe.to_yaml()}"
     if recipe.method.random:
         how = f"# reproduce: mergekit-yaml THIS_FILE OUT_DIR --random-seed {seed}  (on CPU; evomerge merge --seed {seed})\n"
     else:
         how = "# reproduce: mergekit-yaml THIS_FILE OUT_DIR  (or evomerge merge THIS_FILE OUT_DIR)\n"
-    header = "".join(f"# {line}\n" for line in about.splitlines())
     return f"{header}{how}{recipe.to_yaml()}"
 
 
@@ -27,7 +34,7 @@ def best_text(run: RunDir, summary: RunSummary, seed: int) -> str:
     """best.yml: the recommended evolved recipe, or the parent / tuned baseline the gate chose instead of it."""
     gate = summary.gate
     if gate is None or gate.passed:
-        return export_text(run.read_text(run.path / summary.best.recipe), seed)
+        return export_text(run, run.read_text(run.path / summary.best.recipe), seed)
     references = {entry.name: entry.recipe for entry in [*summary.parents, *summary.baselines] if entry.recipe}
     if gate.chosen not in references:
         raise InputError(
@@ -37,7 +44,7 @@ def best_text(run: RunDir, summary: RunSummary, seed: int) -> str:
         f"not evolved: {gate.chosen}, because {gate.reason}\n"
         "`evomerge export RUN_DIR --evolved` writes the evolved recipe instead"
     )
-    return export_text(references[gate.chosen], seed, about)
+    return export_text(run, references[gate.chosen], seed, about)
 
 
 def choose(run: RunDir, summary: RunSummary, config: dict, objective: str | None, rank: int | None) -> FrontMember:
@@ -69,4 +76,4 @@ def export_recipe(run_dir: Path, objective: str | None = None, rank: int | None 
     if objective is None and rank is None and not evolved:
         return best_text(run, summary, config["seed"])
     member = choose(run, summary, config, objective, rank)
-    return export_text(run.read_text(run.path / member.recipe), config["seed"])
+    return export_text(run, run.read_text(run.path / member.recipe), config["seed"])

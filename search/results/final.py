@@ -2,6 +2,7 @@
 
 The steps, in order (each a method, so a new report row or reference recipe has one obvious place):
 1. tune             every family of config baselines.tuned over its grid, and the parents, on the SEARCH split
+                    (ps+dfs: the stage-1 merge too, a reference the paths built on it must beat)
 2. choose           the recommended evolved recipe: the front's best on the search split or, with a selection
                     split, the best there of the top_k by search fitness (select: one batch with the parents
                     and the tuned baselines, since the search items are the ones every optimizer step fitted)
@@ -43,6 +44,7 @@ from search.results.summary import BestModel, FrontMember, Gate, ModelScores, Ru
 from search.results.tracking import Tracker
 from search.run_dir import RunDir
 
+STAGE1_REFERENCE = "stage-1 merge"  # ps+dfs's weight merge, among the tuned references
 
 class Scored(Protocol):
     scores: dict[str, float]  # task -> metric value
@@ -129,16 +131,23 @@ class FinalComparison:
         models = [self.config.models.base, *self.config.models.fine_tunes]
         return {Path(model).name or model: baselines.parent(model) for model in models}
 
+    def stage1(self) -> dict[str, Recipe]:
+        """ps+dfs: the stage-1 merge as the run started with it, by its reference name; otherwise none."""
+        if self.config.genome.kind != "ps+dfs":
+            return {}
+        return {STAGE1_REFERENCE: Recipe.from_yaml(self.run_dir.read_text(self.run_dir.stage1))}
+
     def tune(self) -> Tuning:
         """One batch on the SEARCH split: every grid point of every tuned family, and the parents (the gate's
         references without a selection split). Each family keeps its grid point of highest mean fitness; failed
         points drop out."""
         base, children = self.config.models.base, list(self.config.models.fine_tunes)
         grids = [baselines.TUNED[name].candidates(base, children) for name in self.config.baselines.tuned]
-        parents = self.parents()
-        results = self.evaluate(parents | {name: recipe for grid in grids for name, recipe in grid.items()}, SEARCH)
-        fitness = self.fitness(results)
-        tuned = {}
+        parents, stage1 = self.parents(), self.stage1()
+        points = {name: recipe for grid in grids for name, recipe in grid.items()}
+        fitness = self.fitness(self.evaluate(parents | stage1 | points, SEARCH))
+        # ps+dfs: the weight merge its paths build on is the reference they have to beat
+        tuned = {name: (recipe, fitness[name]) for name, recipe in stage1.items() if name in fitness}
         for grid in grids:
             scored = [name for name in grid if name in fitness]
             if scored:

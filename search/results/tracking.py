@@ -35,6 +35,7 @@ STATUS_TAG = "evomerge.status"
 ERROR_TAG = "evomerge.error"
 NODE_TAG = "evomerge.node"  # the Ray node id the trial ran on
 WORKER_TAG = "evomerge.worker"  # the worker it ran on: "worker-<slot> (<host>:<pid>)"
+PATH_TAG = "evomerge.path"  # a layer-path trial's path, e.g. "rev 0-1, srt 1 ×0.8" (genome.kind dfs)
 RESUMES_TAG = "evomerge.resumes"
 GATE_TAG = "evomerge.gate"  # 'passed: ...' or 'failed: ...' (filter with LIKE 'failed%')
 PARENT_TAG = "mlflow.parentRunId"  # what makes the MLflow UI nest a run under another
@@ -259,6 +260,7 @@ class Tracker:
         fidelity: int | None = None,
         node: str | None = None,
         worker: str | None = None,
+        path: str | None = None,
     ) -> str:
         """One child run per trial number: genes as params, scores, seconds and items as metrics, the recipe as YAML.
 
@@ -266,6 +268,7 @@ class Tracker:
         `fidelity`: with fitness rungs, the items per task its scores are of; "stopped": a cheaper rung's.
         `node`, `worker`: the Ray node id and the worker (slot, host:pid) its last part ran on; a worker loads
         the sources once, so the distinct workers of a run are how many times the sources were loaded.
+        `path`: a layer-path trial's path in one line (genome.kind dfs), as a tag to filter and read in the UI.
 
         Logging a number again (a resumed search replaying its last trials) updates the same child run. The
         genes must be the same as before: MLflow params cannot change, and a replay that changes them is a bug.
@@ -288,6 +291,7 @@ class Tracker:
             self._delete_tag(run_id, ERROR_TAG)  # a replay that succeeded must not keep the old error
         tags = {STATUS_TAG: status} | ({ERROR_TAG: error} if error else {}) | ({NODE_TAG: node} if node else {})
         tags |= {WORKER_TAG: worker} if worker else {}
+        tags |= {PATH_TAG: path[:MAX_TAG_VAL_LENGTH]} if path else {}
         score_metrics = {metric_key(name): value for name, value in (scores or {}).items()}
         cost = {"merge_s": merge_s, "eval_s": eval_s} | ({"items": items} if items is not None else {})
         cost |= {"fidelity": fidelity} if fidelity is not None else {}
