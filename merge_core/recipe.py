@@ -48,8 +48,8 @@ UNSUPPORTED = {
 def _model_ref(raw: object) -> str:
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError(f"expected a model directory or hub id (a string), got {raw!r}")
-    if "+" in raw:
-        raise ValueError(f"LoRA references (model+lora) are not supported yet: {raw!r}")
+    if raw.count("+") > 1 or raw.startswith("+") or raw.endswith("+"):
+        raise ValueError(f"expected MODEL or MODEL+LORA_ADAPTER, got {raw!r}")
     return raw
 
 

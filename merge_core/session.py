@@ -51,7 +51,9 @@ class MergeSession:
         plan = self.plan(recipe)
         if plan.num_hidden_layers != self.num_layers:
             raise InputError(
-                recipe.where, "slices", f"expected a merge of all {self.num_layers} layers, got {plan.num_hidden_layers}"
+                recipe.where,
+                "slices",
+                f"expected a merge of all {self.num_layers} layers, got {plan.num_hidden_layers}",
             )
         donor = self.checkpoints[plan.base_model or plan.models[0]]
         tensors = dict(self.merged_tensors(plan, seed))

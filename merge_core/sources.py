@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_core.errors import InputError
+from merge_core.lora import fold, read_adapter, split_lora
 from merge_core.sharding import Shard
 
 SAFETENSORS = "model.safetensors"
@@ -110,7 +111,8 @@ def read_tensors(file: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def read_config(ref: str) -> tuple[Path, dict]:
-    path = resolve_model_dir(ref)
+    """The model's directory and config.json (of a `model+adapter` reference: the model's)."""
+    path = resolve_model_dir(split_lora(ref)[0])
     config_file = path / "config.json"
     if not config_file.exists():
         raise InputError(ref, None, f"no config.json in {path}")
@@ -165,8 +167,12 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torc
 
 def load_checkpoint(ref: str, device: str = "cpu", shard: Shard | None = None) -> Checkpoint:
     """Every tensor of `ref` on `device`; with `shard`, only that rank's part of each (merge_core/sharding.py),
-    read from safetensors files as a slice, so a rank never holds a whole source."""
+    read from safetensors files as a slice, so a rank never holds a whole source. A `model+adapter` reference
+    is the model with the LoRA adapter folded in (merge_core/lora.py)."""
     path, config = read_config(ref)
+    adapter_ref = split_lora(ref)[1]
+    if adapter_ref is not None and shard is not None:
+        raise InputError(ref, None, "LoRA references cannot be tensor-parallel sharded yet: merge without shards")
     tensors: dict[str, torch.Tensor] = {}
     for file in weight_files(path):
         if shard is None:
@@ -177,6 +183,8 @@ def load_checkpoint(ref: str, device: str = "cpu", shard: Shard | None = None) -
             tensors.update({name: shard.take(name, t) for name, t in read_tensors(file, device).items()})
     if not tensors:
         raise InputError(ref, None, "the checkpoint holds no tensors")
+    if adapter_ref is not None:
+        tensors = fold(tensors, read_adapter(adapter_ref), where=ref)
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     dtypes = {name: t.dtype for name, t in tensors.items()}
     return Checkpoint(ref=ref, path=path, config=config, shapes=shapes, dtypes=dtypes, tensors=tensors)

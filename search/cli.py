@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = commands.add_parser("toy-family", help="build the tiny char-level Llama family used by tests and demo")
     toy.add_argument("out_dir")
-    toy.add_argument("--size", default="test", choices=["test", "demo"])
+    toy.add_argument("--size", default="test", choices=["test", "demo", "deep"])
     toy.add_argument("--skills", help="comma-separated skill names (2-4)")
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(run=cmd_toy_family)

@@ -140,9 +140,7 @@ class DataFlowConfig(Section):
         if not 0 <= low < high:
             raise FieldProblem("scale_bounds", f"expected [lower, upper] with 0 <= lower < upper, got {[low, high]}")
         if self.max_layers is not None and self.max_layers < self.min_layers:
-            raise FieldProblem(
-                "max_layers", f"expected at least min_layers ({self.min_layers}), got {self.max_layers}"
-            )
+            raise FieldProblem("max_layers", f"expected at least min_layers ({self.min_layers}), got {self.max_layers}")
         return self
 
 
@@ -417,7 +415,7 @@ class SearchConfig(Section):
                 f"expected auto with genome.kind {kind}: paths are scored on the sources' own tensors, uncast",
             )
         if (kind == "ps+dfs") != (genome.dfs.stage1 is not None):
-            expected = "the weight-space recipe (e.g. a finished search's best.yml)" if kind == "ps+dfs" else "none"
+            expected = "the weight-space recipe (e.g. a finished search's best recipe)" if kind == "ps+dfs" else "none"
             raise FieldProblem("genome.dfs.stage1", f"expected {expected} with genome.kind {kind}")
 
     def _check_method(self) -> None:

@@ -8,7 +8,6 @@ import math
 import time
 from pathlib import Path
 
-
 from search.config import BudgetConfig, SearchConfig
 from search.execution.preflight import preflight, worker_spec
 from search.execution.worker import HELDOUT, SEARCH, CandidateWorker, Job
@@ -79,7 +78,8 @@ def plan_search(config_path: Path) -> str:
 def start_line(config: SearchConfig, genome: Genome | PathGenome) -> str:
     """What is asked before the optimizer's own proposals."""
     defaults = len(genome.default_candidates()) if config.optimizer.warm_start else 0
-    said = f"the method's {defaults} default recipe(s) first" if defaults else "the optimizer's own proposals"
+    starts = "path model(s)' own full-depth paths" if config.genome.kind != "ps" else "default recipe(s) of the method"
+    said = f"the {defaults} {starts} first" if defaults else "the optimizer's own proposals"
     if not config.optimizer.coarse_to_fine:
         return said
     knobs = ", ".join(f"{name} {'/'.join(f'{v:g}' for v in values)}" for name, values in knob_values(genome).items())

@@ -252,7 +252,7 @@ def test_coarse_grid_is_every_one_knob_merge_of_the_searched_parameters():
 
 def test_plan_says_what_is_asked_before_the_optimizers_own_proposals():
     ties = make_genome()
-    assert start_line(ties.config, ties) == "the method's 2 default recipe(s) first"
+    assert start_line(ties.config, ties) == "the 2 default recipe(s) of the method first"
     coarse = make_genome(optimizer={"coarse_to_fine": True, "warm_start": False})
     assert start_line(coarse.config, coarse) == (
         "coarse to fine: 4 one-knob genomes (weight 0.5, density 0.3/0.5/0.7/0.9) and the optimizer's own proposals; "

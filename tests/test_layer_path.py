@@ -19,8 +19,8 @@ from merge_core.errors import InputError
 from merge_core.layer_path import LayerPath, Slot
 from merge_core.path_model import PathModel
 from search.config import SearchConfig
-from search.genome import make_genome
 from search.genome.data_flow import STAGE1, PathGenome
+from search.plan import start_line
 from search.results.export import export_recipe, export_text
 from search.results.final import STAGE1_REFERENCE
 from search.results.summary import read_summary
@@ -83,7 +83,13 @@ def test_the_path_model_is_the_model_mergekit_writes_for_the_path(family, scaled
     children = [family[name] for name in family if name != "base"]
     s = 0.7 if scaled else 1.0
     path = LayerPath(
-        (Slot(children[0], 0), Slot(children[0], 1), Slot(family["base"], 1, s), Slot(children[1], 1), Slot(children[1], 2, s))
+        (
+            Slot(children[0], 0),
+            Slot(children[0], 1),
+            Slot(family["base"], 1, s),
+            Slot(children[1], 1),
+            Slot(children[1], 2, s),
+        )
     )
     theirs = tmp_path / "mergekit"
     mergekit_merge(yaml.safe_dump(path.recipe_dict("float32")), theirs)
@@ -105,7 +111,9 @@ def test_a_layer_used_twice_keeps_two_cache_entries_and_the_sources_untouched(ti
     session = MergeSession(list(tiny_family.values()))
     paths = PathModel(session)
     child = tiny_family["child0"]
-    model = paths.build(LayerPath((Slot(child, 0), Slot(child, 1), Slot(child, 1, 0.9), Slot(child, 1), Slot(child, 3))))
+    model = paths.build(
+        LayerPath((Slot(child, 0), Slot(child, 1), Slot(child, 1, 0.9), Slot(child, 1), Slot(child, 3)))
+    )
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3, 4]
     assert [layer.self_attn.layer_idx for layer in paths._stack(child)] == [0, 1, 2, 3]  # the source's own
     # Shared, not copied: the path's layer 1 and 3 are the session's resident tensor.
@@ -146,6 +154,7 @@ def test_the_genome_lays_slots_out_layer_by_layer_and_repairs_lengths():
     x[6] = 0.3  # none in: the two highest genes
     assert [(s.model, s.layer) for s in genome.path(x).slots] == [("org/sort", 0), ("org/sort", 1)]
     assert [genome.path(c).describe(genome.label) for c in genome.default_candidates()] == ["sort 0-1", "reverse 0-1"]
+    assert start_line(genome.config, genome) == "the 2 path model(s)' own full-depth paths first"
 
 
 @pytest.mark.parametrize(
@@ -197,7 +206,10 @@ def test_a_stage1_merge_of_other_models_or_fewer_layers_is_refused(toy_family, t
 
 def stage1_yaml(toy_family) -> str:
     children = [str(path) for path in toy_family.children.values()]
-    models = [{"model": child, "parameters": {"weight": weight}} for child, weight in zip(children, [0.5, 0.3, 0.2])]
+    models = [
+        {"model": child, "parameters": {"weight": weight}}
+        for child, weight in zip(children, [0.5, 0.3, 0.2], strict=True)
+    ]
     return yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "float32"})
 
 
@@ -266,7 +278,10 @@ def test_a_dfs_search_exports_its_best_path_for_mergekit_yaml(toy_family, tmp_pa
     run = RunDir.open(config.parent / "run")
     # The first trials are the fine-tunes' own full-depth paths, so the best path scores at least the best of
     # them: the cae child, perfect on its third of the items.
-    firsts = [LayerPath.of(Recipe.from_yaml(run.read_text(run.trial_recipe(n)))).describe(lambda r: Path(r).name) for n in range(3)]
+    firsts = [
+        LayerPath.of(Recipe.from_yaml(run.read_text(run.trial_recipe(n)))).describe(lambda r: Path(r).name)
+        for n in range(3)
+    ]
     assert firsts == ["rev 0-1", "srt 0-1", "cae 0-1"]
     assert summary.best.search["toy_search"] >= 0.3
     best = LayerPath.of(Recipe.from_yaml(run.read_text(run.path / summary.best.recipe)))

@@ -229,9 +229,9 @@ HOSTILE = [
         "one value for all inputs",
     ),
     (
-        LINEAR_A.replace("{model: a,", "{model: a+lora,"),
+        LINEAR_A.replace("{model: a,", "{model: a+lora+more,"),
         "models[0].model",
-        "LoRA references (model+lora) are not supported",
+        "expected MODEL or MODEL+LORA_ADAPTER, got 'a+lora+more'",
     ),
     (
         LINEAR_A.replace("{model: a,", "{model: 7,"),

@@ -127,7 +127,11 @@ HOSTILE = [
         "optimizer.name: expected one of 'cmaes', 'nsga2', 'tpe', 'gp' or 'random', got 'bayes'",
     ),
     ("optimiser", {"name": "tpe"}, "optimiser: unknown key; expected one of: models, merge, objectives, genome,"),
-    ("genome.granularity", 2, "genome.granularity: unknown key; expected one of: kind, dfs, params, bounds, layer_granularity,"),
+    (
+        "genome.granularity",
+        2,
+        "genome.granularity: unknown key; expected one of: kind, dfs, params, bounds, layer_granularity,",
+    ),
     ("merge.method", "frankenmerge", "merge.method: expected one of breadcrumbs, breadcrumbs_ties, dare_linear,"),
     ("merge.method", "model_stock", "merge.method: expected one of breadcrumbs,"),  # nothing to search
     ("merge.parameters", {"lamda": 0.5}, "merge.parameters.lamda: expected a parameter of ties (weight, density,"),

@@ -187,7 +187,7 @@ def test_out_dir_gets_a_self_contained_copy(tmp_path, tiny_size):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"size": "huge"}, "^toy family: size: expected one of test, demo, got 'huge'$"),
+        ({"size": "huge"}, "^toy family: size: expected one of test, demo, deep, got 'huge'$"),
         ({"skills": ["srt", "nope"]}, "^toy family: skills: expected some of .*, got 'nope'$"),
         ({"skills": ["srt"]}, "^toy family: skills: expected 2 to 4 distinct names, got srt$"),
         ({"skills": ["srt", "srt"]}, "^toy family: skills: expected 2 to 4 distinct names, got srt,srt$"),

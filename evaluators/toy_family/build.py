@@ -76,6 +76,13 @@ SIZES: dict[str, FamilySize] = {
         base=TrainRecipe(steps=3000, lr=2e-3, weight_decay=0.01, warmup=150),
         child=TrainRecipe(steps=300, lr=1e-4, weight_decay=0.0, warmup=30),
     ),
+    # For layer-path (data-flow) search, which needs depth to choose from: six layers at the test width, so
+    # it builds in about the demo's time. The demo's child learning rate (merges gain there).
+    "deep": FamilySize(
+        Architecture(hidden=64, layers=6, heads=2, ffn=128),
+        base=TrainRecipe(steps=3000, lr=2e-3, weight_decay=0.01, warmup=150),
+        child=TrainRecipe(steps=300, lr=1e-4, weight_decay=0.0, warmup=30),
+    ),
 }
 
 

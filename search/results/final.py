@@ -46,6 +46,7 @@ from search.run_dir import RunDir
 
 STAGE1_REFERENCE = "stage-1 merge"  # ps+dfs's weight merge, among the tuned references
 
+
 class Scored(Protocol):
     scores: dict[str, float]  # task -> metric value
     per_item: dict[str, list[float]]  # task -> per-item scores
