@@ -97,7 +97,7 @@ def _resolve_job(
     recipe: Recipe, where: str, out_name: str, sources: list[tuple[SliceInput, str]], piece: OutputSlice, t: float
 ) -> TensorJob:
     method = recipe.method
-    base_index = next((i for i, (source, _) in enumerate(sources) if source.model == recipe.base_model), None)
+    base_index = next((i for i, (source, _) in enumerate(sources) if source.model == piece.base_model), None)
     shared = {}
     for param in (param for param in method.params if not param.per_model):
         levels = [(f"{piece.path}.parameters", piece.parameters), ("parameters", recipe.parameters)]

@@ -40,8 +40,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 UNSUPPORTED = {
     "modules": "not supported yet: merge the whole model with models: or slices:",
     "tokenizer": "not supported yet: use tokenizer_source (base or one model's reference)",
-    "base_model": "a per-slice base_model is not supported yet: set the top-level base_model",
-    "residual_weight": "not supported yet",
 }
 
 
@@ -97,6 +95,8 @@ class SliceSource(_Strict):
 
 class Slice(_Strict):
     sources: list[SliceSource] = Field(min_length=1)
+    base_model: ModelRef | None = None  # this slice's base, instead of the top-level one
+    residual_weight: float | None = None  # mergekit 0.1.5 accepts it and reads it nowhere: warned about
     parameters: Parameters = None
 
 
@@ -117,6 +117,7 @@ class OutputSlice:
     inputs: tuple[SliceInput, ...]
     parameters: Mapping[str, ParameterValue] | None
     path: str  # "models" or "slices[i]"
+    base_model: str | None  # the slice's own base_model, else the top-level one
 
 
 class Recipe(_Strict):
@@ -172,6 +173,7 @@ class Recipe(_Strict):
                     ),
                     piece.parameters,
                     f"slices[{i}]",
+                    piece.base_model or self.base_model,
                 )
                 for i, piece in enumerate(self.slices)
             ]
@@ -180,12 +182,14 @@ class Recipe(_Strict):
         ]
         if self.base_model is not None and self.base_model not in (entry.model for entry in self.models):
             inputs.append(SliceInput(self.base_model, None, "base_model", None))
-        return [OutputSlice(tuple(inputs), None, "models")]
+        return [OutputSlice(tuple(inputs), None, "models", self.base_model)]
 
     def model_refs(self) -> list[str]:
         """Every model the merge reads, base included, in first-seen (merge input) order."""
-        refs = [source.model for piece in self.output_slices() for source in piece.inputs]
-        return list(dict.fromkeys(refs + [self.base_model] * (self.base_model is not None)))
+        pieces = self.output_slices()
+        refs = [source.model for piece in pieces for source in piece.inputs]
+        bases = [base for base in (self.base_model, *(piece.base_model for piece in pieces)) if base is not None]
+        return list(dict.fromkeys(refs + bases))
 
     @classmethod
     def from_dict(cls, data: object, where: str = "<dict>") -> "Recipe":
@@ -245,13 +249,15 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
         )
     if (recipe.models is None) == (recipe.slices is None):
         raise InputError(where, "models", "expected exactly one of models: or slices:")
-    if method.base == "required" and recipe.base_model is None:
-        raise InputError(where, "base_model", f"required by {method.name}")
+    pieces = recipe.output_slices()
+    unbased = next((piece for piece in pieces if piece.base_model is None), None)
+    if method.base == "required" and unbased is not None:
+        field = "base_model" if recipe.slices is None else f"{unbased.path}.base_model"
+        raise InputError(where, field, f"required by {method.name} (set it here or at the top level)")
     if recipe.tokenizer_source == "base" and recipe.base_model is None:
         raise InputError(where, "tokenizer_source", "'base' needs a base_model")
-    pieces = recipe.output_slices()
     for piece in pieces:
-        _check_inputs(piece, method, recipe.base_model, where)
+        _check_inputs(piece, method, piece.base_model, where)
     if len(pieces[-1].inputs) > len(pieces[0].inputs):
         # mergekit merges the post-layer tensors (final norm, lm_head) from the last slice's models but only as
         # many as the first slice has, silently dropping the rest: refuse rather than reproduce that.
@@ -306,6 +312,9 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
     scopes += [(f"{source.path}.parameters", source.parameters, True) for piece in pieces for source in piece.inputs]
     # What mergekit accepts but never reads: said once the whole recipe is known to be good, so never before an error.
     no_effect: list[tuple[str, str]] = []
+    for index, piece in enumerate(recipe.slices or []):
+        if piece.residual_weight is not None:
+            no_effect.append((f"slices[{index}].residual_weight", "mergekit 0.1.5 reads it nowhere"))
     for path, parameters, per_input in scopes:
         for name, value in (parameters or {}).items():
             if name in method.ignored_params:
@@ -349,7 +358,7 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
                     f"required by {method.name}: set it here or in the top-level parameters",
                 )
             for source in piece.inputs:
-                uses_it = method.base == "ignored" or source.model != recipe.base_model
+                uses_it = method.base == "ignored" or source.model != piece.base_model
                 if not uses_it or is_set(param.name, source.parameters, piece.parameters, recipe.parameters):
                     continue
                 if source.path == "base_model":

@@ -209,7 +209,8 @@ HOSTILE = [
         "slices[0].sources",
         "must include base_model 'a'",
     ),
-    (SLERP_SLICES + "    base_model: a", "slices[0].base_model", "per-slice base_model is not supported"),
+    (SLERP_SLICES + "    base_model: c", "slices[0].sources", "must include base_model 'c'"),
+    (SLERP_SLICES.replace("base_model: a\n", ""), "slices[0].base_model", "required by slerp (set it here or at"),
     (
         "merge_method: linear\nmodels: [{model: a, parameters: {weight: true}}]",
         "models[0].parameters.weight",

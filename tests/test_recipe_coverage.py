@@ -220,7 +220,51 @@ dtype: float32
                 "so this entry matches by filter 'mlp' alone",
             ],
         ),
+        "residual_weight": (
+            f"""
+merge_method: passthrough
+slices:
+  - {{sources: [{{model: {c0}, layer_range: [0, 2]}}], residual_weight: 0.5}}
+  - {{sources: [{{model: {c1}, layer_range: [2, 4]}}]}}
+dtype: float32
+""",
+            ["<text>: slices[0].residual_weight: has no effect: mergekit 0.1.5 reads it nowhere"],
+        ),
     }
+
+
+def test_a_slice_with_its_own_base_model_merges_as_mergekit_merges_it(tiny_family, session, tmp_path):
+    """TIES against the base in the first slices, against child0 in the last (mergekit's ConfigReader takes the
+    slice's base_model before the top-level one, for the pre-layer tensors the first slice's, post the last's)."""
+    b, c0, c1, c2 = (tiny_family[name] for name in ("base", "child0", "child1", "child2"))
+
+    def sources(layers: list[int]) -> str:
+        weights = {b: None, c0: None, c1: 0.7, c2: None}
+        entries = [
+            {"model": m, "layer_range": list(layers)} | ({"parameters": {"weight": w}} if w else {})
+            for m, w in weights.items()
+        ]
+        return yaml.safe_dump(entries, default_flow_style=True).strip().replace("'", "")
+
+    text = f"""
+merge_method: ties
+base_model: {b}
+parameters: {{weight: 0.5, density: 0.6}}
+slices:
+  - sources: {sources([0, 2])}
+  - sources: {sources([2, 4])}
+    base_model: {c0}
+dtype: float32
+"""
+    recipe = Recipe.from_yaml(text)
+    ours = session.materialize(recipe)
+    theirs = mergekit_merge(text, tmp_path / "mk")
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[name], tensor) for name, tensor in theirs.items())
+    against_base = session.materialize(Recipe.from_yaml(text.replace(f"    base_model: {c0}\n", "")))
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.3.mlp.up_proj.weight", "lm_head.weight"):
+        assert torch.equal(ours[name], against_base[name]) == (name == "model.layers.0.mlp.up_proj.weight"), name
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
 
 
 @pytest.mark.parametrize("name", list(ignored_keys({"base": "", "child0": "", "child1": "", "child2": ""})))
