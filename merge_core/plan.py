@@ -98,9 +98,11 @@ def _resolve_job(
 ) -> TensorJob:
     method = recipe.method
     base_index = next((i for i, (source, _) in enumerate(sources) if source.model == piece.base_model), None)
+    # modules: syntax adds the module's parameters between the slice's and the top level's
+    module_level = [(f"{recipe.body[3]}parameters", piece.module_parameters)] if piece.module_parameters else []
     shared = {}
     for param in (param for param in method.params if not param.per_model):
-        levels = [(f"{piece.path}.parameters", piece.parameters), ("parameters", recipe.parameters)]
+        levels = [(f"{piece.path}.parameters", piece.parameters), *module_level, ("parameters", recipe.parameters)]
         shared[param.name] = _value(param.name, param.default, levels, out_name, t, where, method)
     per_model = {}
     for param in (param for param in method.params if param.per_model):
@@ -112,6 +114,7 @@ def _resolve_job(
             levels = [
                 (f"{source.path}.parameters", source.parameters),
                 (f"{piece.path}.parameters", piece.parameters),
+                *module_level,
                 ("parameters", recipe.parameters),
             ]
             values.append(_value(param.name, param.default, levels, in_name, t, where, method))

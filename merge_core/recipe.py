@@ -38,7 +38,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # mergekit keys evomerge does not merge yet, with what to do instead.
 UNSUPPORTED = {
-    "modules": "not supported yet: merge the whole model with models: or slices:",
     "tokenizer": "not supported yet: use tokenizer_source (base or one model's reference)",
 }
 
@@ -100,6 +99,18 @@ class Slice(_Strict):
     parameters: Parameters = None
 
 
+class Module(_Strict):
+    """mergekit's `modules:` entry: one module's models or slices, with a parameter level of its own."""
+
+    models: list[ModelInput] | None = Field(None, min_length=1)
+    slices: list[Slice] | None = Field(None, min_length=1)
+    parameters: Parameters = None
+
+
+# mergekit's name for the one module of a single-module architecture (every decoder-only LLM it merges)
+SINGLE_MODULE = "default"
+
+
 @dataclass(frozen=True)
 class SliceInput:
     """One input of an output slice, in either syntax."""
@@ -116,8 +127,14 @@ class OutputSlice:
 
     inputs: tuple[SliceInput, ...]
     parameters: Mapping[str, ParameterValue] | None
-    path: str  # "models" or "slices[i]"
+    path: str  # "models" or "slices[i]" (under modules: "modules.default.models" ...)
     base_model: str | None  # the slice's own base_model, else the top-level one
+    module_parameters: Mapping[str, ParameterValue] | None = None  # modules.default.parameters
+
+    @property
+    def is_slice(self) -> bool:
+        """Written as a slice (slices: syntax), not as the models: list."""
+        return not self.path.endswith("models")
 
 
 class Recipe(_Strict):
@@ -126,6 +143,7 @@ class Recipe(_Strict):
     base_model: ModelRef | None = None
     models: list[ModelInput] | None = Field(None, min_length=1)
     slices: list[Slice] | None = Field(None, min_length=1)
+    modules: dict[str, Module] | None = None
     parameters: Parameters = None
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
@@ -161,28 +179,40 @@ class Recipe(_Strict):
     def save_dtype(self) -> torch.dtype | None:
         return DTYPES.get(self.out_dtype)
 
+    @property
+    def body(self) -> tuple[list[ModelInput] | None, list[Slice] | None, Mapping | None, str]:
+        """(models, slices, module parameters, path prefix): the top level's, or the one module's."""
+        if self.modules:
+            module = next(iter(self.modules.values()))
+            return module.models, module.slices, module.parameters, f"modules.{next(iter(self.modules))}."
+        return self.models, self.slices, None, ""
+
     def output_slices(self) -> list[OutputSlice]:
         """The slices as mergekit merges them: `models:` becomes one slice with base_model appended last
         when it is not listed (mergekit's input order)."""
-        if self.slices is not None:
+        models, slices, module_parameters, prefix = self.body
+        if slices is not None:
             return [
                 OutputSlice(
                     tuple(
-                        SliceInput(source.model, source.parameters, f"slices[{i}].sources[{j}]", source.layer_range)
+                        SliceInput(
+                            source.model, source.parameters, f"{prefix}slices[{i}].sources[{j}]", source.layer_range
+                        )
                         for j, source in enumerate(piece.sources)
                     ),
                     piece.parameters,
-                    f"slices[{i}]",
+                    f"{prefix}slices[{i}]",
                     piece.base_model or self.base_model,
+                    module_parameters,
                 )
-                for i, piece in enumerate(self.slices)
+                for i, piece in enumerate(slices)
             ]
         inputs = [
-            SliceInput(entry.model, entry.parameters, f"models[{i}]", None) for i, entry in enumerate(self.models)
+            SliceInput(entry.model, entry.parameters, f"{prefix}models[{i}]", None) for i, entry in enumerate(models)
         ]
-        if self.base_model is not None and self.base_model not in (entry.model for entry in self.models):
+        if self.base_model is not None and self.base_model not in (entry.model for entry in models):
             inputs.append(SliceInput(self.base_model, None, "base_model", None))
-        return [OutputSlice(tuple(inputs), None, "models", self.base_model)]
+        return [OutputSlice(tuple(inputs), None, f"{prefix}models", self.base_model, module_parameters)]
 
     def model_refs(self) -> list[str]:
         """Every model the merge reads, base included, in first-seen (merge input) order."""
@@ -247,12 +277,23 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
         raise InputError(
             where, "merge_method", f"unknown method {recipe.merge_method!r}; expected one of {', '.join(METHODS)}"
         )
-    if (recipe.models is None) == (recipe.slices is None):
-        raise InputError(where, "models", "expected exactly one of models: or slices:")
+    if sum(part is not None for part in (recipe.models, recipe.slices, recipe.modules)) != 1:
+        raise InputError(where, "models", "expected exactly one of models:, slices: or modules:")
+    if recipe.modules is not None:
+        if list(recipe.modules) != [SINGLE_MODULE]:
+            raise InputError(
+                where,
+                "modules",
+                f"expected one module named {SINGLE_MODULE} (mergekit's name for a decoder-only model's one "
+                f"module; multi-module models are not supported), got {', '.join(recipe.modules) or 'none'}",
+            )
+        module = recipe.modules[SINGLE_MODULE]
+        if (module.models is None) == (module.slices is None):
+            raise InputError(where, f"modules.{SINGLE_MODULE}", "expected exactly one of models: or slices:")
     pieces = recipe.output_slices()
     unbased = next((piece for piece in pieces if piece.base_model is None), None)
     if method.base == "required" and unbased is not None:
-        field = "base_model" if recipe.slices is None else f"{unbased.path}.base_model"
+        field = f"{unbased.path}.base_model" if unbased.is_slice else "base_model"
         raise InputError(where, field, f"required by {method.name} (set it here or at the top level)")
     if recipe.tokenizer_source == "base" and recipe.base_model is None:
         raise InputError(where, "tokenizer_source", "'base' needs a base_model")
@@ -308,13 +349,16 @@ def _arity(method: MergeMethod) -> str:
 def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMethod, where: str) -> None:
     allowed = ", ".join(param.name for param in method.params)
     scopes = [("parameters", recipe.parameters, False)]
+    _, _, module_parameters, prefix = recipe.body
+    scopes += [(f"{prefix}parameters", module_parameters, False)] if prefix else []
     scopes += [(f"{piece.path}.parameters", piece.parameters, False) for piece in pieces]
     scopes += [(f"{source.path}.parameters", source.parameters, True) for piece in pieces for source in piece.inputs]
     # What mergekit accepts but never reads: said once the whole recipe is known to be good, so never before an error.
     no_effect: list[tuple[str, str]] = []
-    for index, piece in enumerate(recipe.slices or []):
+    _, slices, _, prefix = recipe.body
+    for index, piece in enumerate(slices or []):
         if piece.residual_weight is not None:
-            no_effect.append((f"slices[{index}].residual_weight", "mergekit 0.1.5 reads it nowhere"))
+            no_effect.append((f"{prefix}slices[{index}].residual_weight", "mergekit 0.1.5 reads it nowhere"))
     for path, parameters, per_input in scopes:
         for name, value in (parameters or {}).items():
             if name in method.ignored_params:
@@ -348,9 +392,9 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
     for param in (param for param in method.params if param.required):
         for piece in pieces:
             if not param.per_model:
-                if is_set(param.name, piece.parameters, recipe.parameters):
+                if is_set(param.name, piece.parameters, piece.module_parameters, recipe.parameters):
                     continue
-                if recipe.slices is None:
+                if not piece.is_slice:
                     raise InputError(where, f"parameters.{param.name}", f"required by {method.name}")
                 raise InputError(
                     where,
@@ -359,7 +403,8 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
                 )
             for source in piece.inputs:
                 uses_it = method.base == "ignored" or source.model != piece.base_model
-                if not uses_it or is_set(param.name, source.parameters, piece.parameters, recipe.parameters):
+                levels = (source.parameters, piece.parameters, piece.module_parameters, recipe.parameters)
+                if not uses_it or is_set(param.name, *levels):
                     continue
                 if source.path == "base_model":
                     raise InputError(
@@ -368,11 +413,11 @@ def _check_parameters(recipe: Recipe, pieces: list[OutputSlice], method: MergeMe
                         f"{method.name} reads {param.name} for every input and base_model is one: list it under "
                         f"models: with its {param.name}, or set {param.name} in the top-level parameters",
                     )
-                levels = "here, in the slice's parameters or" if recipe.slices is not None else "here or"
+                places = "here, in the slice's parameters or" if piece.is_slice else "here or"
                 raise InputError(
                     where,
                     f"{source.path}.parameters.{param.name}",
-                    f"required by {method.name}: set it {levels} in the top-level parameters",
+                    f"required by {method.name}: set it {places} in the top-level parameters",
                 )
     for field_path, why in no_effect:
         logger.warning("%s: %s: has no effect: %s", where, field_path, why)

@@ -401,8 +401,6 @@ class SearchConfig(Section):
         if genome.params:
             raise FieldProblem("genome.params", f"expected none with genome.kind {kind} (it searches layer paths)")
         genome.params = []
-        if self.optimizer.coarse_to_fine:
-            raise FieldProblem("optimizer.coarse_to_fine", f"expected false with genome.kind {kind}: it has no knobs")
         if self.evaluation.backend != "hf":
             raise FieldProblem(
                 "evaluation.backend",

@@ -82,8 +82,10 @@ def start_line(config: SearchConfig, genome: Genome | PathGenome) -> str:
     said = f"the {defaults} {starts} first" if defaults else "the optimizer's own proposals"
     if not config.optimizer.coarse_to_fine:
         return said
-    knobs = ", ".join(f"{name} {'/'.join(f'{v:g}' for v in values)}" for name, values in knob_values(genome).items())
     then = "CMA-ES then starts from the best" if config.optimizer.name == "cmaes" else "the optimizer learns from them"
+    if config.genome.kind != "ps":  # no knobs to grid: the warm starts are the coarse stage
+        return f"coarse to fine: {said}; {then}" if defaults else said
+    knobs = ", ".join(f"{name} {'/'.join(f'{v:g}' for v in values)}" for name, values in knob_values(genome).items())
     return f"coarse to fine: {len(coarse_grid(genome))} one-knob genomes ({knobs}) and {said}; {then}"
 
 

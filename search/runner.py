@@ -63,7 +63,9 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO ('A new study created') is no progress
         self.optimizer: Optimizer = make_optimizer(config, self.genome, self.run_dir, resume)
         if not resume:
-            starts = coarse_grid(self.genome) if config.optimizer.coarse_to_fine else []
+            # A path genome has no one-knob grid: its coarse stage is the warm starts (whole-depth paths) alone.
+            weights = config.optimizer.coarse_to_fine and config.genome.kind == "ps"
+            starts = coarse_grid(self.genome) if weights else []
             starts += self.genome.default_candidates() if config.optimizer.warm_start else []
             for x in starts:
                 self.optimizer.enqueue(x)  # a genome already queued is skipped

@@ -150,9 +150,9 @@ HOSTILE = [
     (
         LINEAR_A + "slices: [{sources: [{model: a, layer_range: [0, 1]}]}]",
         "models",
-        "exactly one of models: or slices:",
+        "exactly one of models:, slices: or modules:",
     ),
-    ("merge_method: linear\nparameters: {weight: 1}", "models", "exactly one of models: or slices:"),
+    ("merge_method: linear\nparameters: {weight: 1}", "models", "exactly one of models:, slices: or modules:"),
     ("merge_method: linear\nmodels: []", "models", "expected at least 1 item(s), got []"),
     (
         "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}, {model: c}]",
@@ -246,7 +246,18 @@ HOSTILE = [
     ),
     (LINEAR_A + "tokenizer_source: union", "tokenizer_source", "'union' is not supported yet"),
     (LINEAR_A + "tokenizer_source: base", "tokenizer_source", "'base' needs a base_model"),
-    (LINEAR_A + "modules: {text: {models: [{model: a}]}}", "modules", "not supported yet"),
+    (
+        "merge_method: linear\nmodules: {text: {models: [{model: a, parameters: {weight: 1}}]}}",
+        "modules",
+        "expected one module named default (mergekit's name for a decoder-only model's one module; multi-module "
+        "models are not supported), got text",
+    ),
+    ("merge_method: linear\nmodules: {default: {parameters: {weight: 1}}}", "modules.default", "exactly one of"),
+    (
+        "merge_method: ties\nmodules: {default: {models: [{model: b, parameters: {weight: 1}}]}}",
+        "base_model",
+        "required by ties",
+    ),
     (LINEAR_A + "tokenizer: {source: base}", "tokenizer", "not supported yet: use tokenizer_source"),
     (LINEAR_A + "dtype: fp8", "dtype", "expected one of 'bfloat16', 'float16', 'float32' or 'float64', got 'fp8'"),
     (
