@@ -22,7 +22,6 @@ import yaml
 from optuna.trial import TrialState
 
 from merge_core import InputError, Recipe
-from merge_core.layer_path import LayerPath
 from search.config import SearchConfig
 from search.execution.pool import Outcome, WorkerPool
 from search.execution.preflight import preflight, worker_spec
@@ -33,6 +32,7 @@ from search.fitness.rungs import RUNG_FITNESS, Rungs
 from search.fitness.score_cache import ScoreCache, combine, recipe_key
 from search.genome import make_genome
 from search.genome.coarse import coarse_grid
+from search.genome.data_flow import path_line
 from search.optimizers import Optimizer, check_fits, make_optimizer
 from search.optimizers.base import FINISHED, INTERRUPTED, ITEMS
 from search.progress import Progress
@@ -267,11 +267,8 @@ class Search:
             self.tracker.log_step(self.optimizer.n_done, front.best, front.hypervolume)
 
     def path_line(self, recipe_yaml: str) -> str | None:
-        """A layer-path trial's path in one line ('cae 0-1, rev 1 ×0.8'); None for a parameter-space search."""
-        if self.config.genome.kind == "ps":
-            return None
-        path = LayerPath.of(Recipe.from_yaml(recipe_yaml))
-        return path.describe(lambda ref: Path(ref).name or ref) if path else None
+        """A layer-path trial's path in one line; None for a parameter-space search (no recipe parsed)."""
+        return None if self.config.genome.kind == "ps" else path_line(recipe_yaml)
 
     def progress(
         self,

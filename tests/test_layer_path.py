@@ -241,6 +241,15 @@ def test_a_ps_dfs_search_starts_from_the_stage1_merge_and_tags_every_trial(ps_df
         recipe = run.read_text(run.trial_recipe(int(row["tags.evomerge.trial"])))
         path = LayerPath.of(Recipe.from_yaml(recipe))
         assert row[f"tags.{PATH_TAG}"] == path.describe(lambda ref: Path(ref).name or ref)
+    # The front as MLflow keeps it has each member's path.
+    parent = trials["tags.mlflow.parentRunId"].iloc[0]
+    front = mlflow.artifacts.load_text(f"runs:/{parent}/front.csv").splitlines()
+    assert front[0].split(",")[:2] == ["trial", "path"]
+    for line in front[1:]:
+        number, path_text = line.split(",")[:2]
+        assert path_text.strip('"') == LayerPath.of(
+            Recipe.from_yaml(run.read_text(run.trial_recipe(int(number))))
+        ).describe(lambda ref: Path(ref).name or ref)
     # The stage-1 merge is a reference the gate and the held-out table compare the paths with.
     assert STAGE1_REFERENCE in {entry.name for entry in read_summary(run).baselines}
 

@@ -108,3 +108,9 @@ class PathGenome:
         models = [m for m in self.models if m != self.config.models.base]
         scale = float(np.clip(1.0, *self.config.genome.dfs.scale_bounds))
         return [self.encode([(model, layer) for layer in range(depth)], scale) for model in models]
+
+
+def path_line(recipe_yaml: str) -> str | None:
+    """A layer-path recipe's path in one line ('cae 0-1, rev 1 ×0.8'); None for any other recipe."""
+    path = LayerPath.of(Recipe.from_yaml(recipe_yaml))
+    return path.describe(lambda ref: PurePath(ref).name or ref) if path else None

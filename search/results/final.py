@@ -25,6 +25,7 @@ from merge_core import Recipe
 from search.config import SearchConfig
 from search.execution.worker import HELDOUT, SEARCH, SELECTION
 from search.fitness import Objectives
+from search.genome.data_flow import path_line
 from search.results import baselines
 from search.results.export import best_text
 from search.results.front import Front
@@ -328,11 +329,13 @@ class FinalComparison:
         splits = split_table(summary) if choice.split == SELECTION else None
         beside = f"\n# search, selection and held-out scores\n\n```\n{splits}\n```\n" if splits else ""
         run.write_text(run.report, f"# held-out comparison\n\n```\n{table}\n```\n{verdict}{beside}")
+        paths = self.config.genome.kind != "ps"  # front.csv gets each member's layer path
         self.tracker.log_front(
             [
                 {
                     "trial": m.trial,
                     "recipe": run.read_text(run.trial_recipe(m.trial)),
+                    **({"path": path_line(run.read_text(run.trial_recipe(m.trial)))} if paths else {}),
                     **m.search,
                     **{f"{SELECTION}.{task}": value for task, value in m.selection.items()},
                     **{f"{HELDOUT}.{task}": value for task, value in m.heldout.items()},
