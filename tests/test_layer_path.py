@@ -1,6 +1,7 @@
 """Data-flow search: layer paths as recipes, the live path model against mergekit's frankenmerge of the same
 path, the path genome, and dfs / ps+dfs searches end to end (mergekit-yaml and mergekit-multi as the oracle)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,7 @@ def test_a_path_over_the_stage1_merge_exports_as_mergekit_multi_reproduces_it(ps
         capture_output=True,
     )
     theirs = load_dir(out)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == len(path) == 3
     session = MergeSession([str(toy_family.base), *map(str, toy_family.children.values())])
     session.add_merged(STAGE1, Recipe.from_yaml(run.read_text(run.stage1)))
     ours = session.materialize(path.recipe("float32"))
