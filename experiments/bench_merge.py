@@ -1,6 +1,7 @@
 """Merge speed: mergekit's run_merge vs `evomerge merge` vs MergeSession.materialize vs a memory-copy floor.
 
     .venv/bin/python experiments/bench_merge.py [--sizes 0.2M,25M,100M] [--methods ...] [--device cpu|cuda]
+    .venv/bin/python experiments/bench_merge.py --cli --sizes 1B [--methods ...]
 
 Families are random Llamas (base + 3 children = base + small deltas) written as real safetensors checkpoints.
 For each size and method it times, in one run and on the same files:
@@ -9,10 +10,16 @@ For each size and method it times, in one run and on the same files:
   (c) `MergeSession.materialize` with resident sources (warm: after one call that prepared the inputs),
   (floor) copying every input tensor's bytes once into preallocated memory.
 and prints a table with the ratios (a)/(c) and (c)/floor.
+
+--cli: the two command lines as a user runs them, process start included, each in its own process under
+/usr/bin/time: `mergekit-yaml` against `evomerge merge` (out of core: each input tensor read from its
+memory-mapped file when merged), wall seconds and peak RSS, and their ratios.
 """
 
 import argparse
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +35,7 @@ SIZES = {  # name -> (hidden, layers, ffn, vocab); parameter counts are printed
     "25M": (512, 6, 1536, 4000),
     "100M": (768, 12, 2048, 10000),
     "270M": (1024, 16, 2816, 32000),  # bench_memory.py's default
+    "1B": (2048, 16, 5632, 32000),  # 0.97B parameters, 3.9 GB a model in float32
 }
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
 
@@ -107,12 +115,51 @@ def measure(session: MergeSession, text: str, root: Path, device: str) -> tuple[
     return mergekit, to_disk, in_memory, floor_seconds(session, recipe)
 
 
+def run_timed(command: list) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one command, in its own process (GNU time's %e and %M)."""
+    result = subprocess.run(["/usr/bin/time", "-f", "%e %M", *map(str, command)], capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{command[0]} failed:\n{result.stderr[-2000:]}")
+    seconds, kilobytes = result.stderr.strip().splitlines()[-1].split()
+    return float(seconds), int(kilobytes) / 1024**2
+
+
+def compare_clis(root: Path, paths: list[str], methods: list[str]) -> None:
+    """mergekit-yaml vs evomerge merge per method; each output is removed before the next command."""
+    bin_dir = Path(sys.executable).parent
+    print(
+        f"{'method':>16} {'mergekit-yaml':>14} {'evomerge merge':>15} {'speedup':>8} {'mk RSS':>8} {'ev RSS':>8} {'RSS ratio':>9}"
+    )
+    for method in methods:
+        recipe = root / f"{method}.yml"
+        recipe.write_text(recipe_text(method, paths))
+        mk = run_timed([bin_dir / "mergekit-yaml", recipe, root / "out", "--random-seed", "0", "--no-copy-tokenizer"])
+        shutil.rmtree(root / "out", ignore_errors=True)
+        ev = run_timed([bin_dir / "evomerge", "merge", recipe, root / "out", "--seed", "0"])
+        shutil.rmtree(root / "out", ignore_errors=True)
+        print(
+            f"{method:>16} {mk[0]:>13.1f}s {ev[0]:>14.1f}s {mk[0] / ev[0]:>7.2f}x {mk[1]:>6.2f}GB {ev[1]:>6.2f}GB "
+            f"{ev[1] / mk[1]:>8.2f}x",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cli", action="store_true", help="time the command lines (process start, peak RSS)")
     args = parser.parse_args()
+    if args.cli:
+        for size in args.sizes.split(","):
+            root = Path(tempfile.mkdtemp(prefix=f"bench-cli-{size}-"))
+            try:
+                print(f"size {size}, 4 models (base + 3 children), float32, torch threads {torch.get_num_threads()}")
+                compare_clis(root, build_family(root, size), args.methods.split(","))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
     print(
         f"{'size':>6} {'params':>8} {'method':>16} {'mergekit':>9} {'ev merge':>9} {'materialize':>11} "

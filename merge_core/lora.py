@@ -86,22 +86,31 @@ def _check_config(ref: str, config: dict) -> None:
 
 def fold(tensors: dict[str, torch.Tensor], adapter: Adapter, where: str) -> dict[str, torch.Tensor]:
     """`tensors` with the adapter folded into each adapted weight (new tensors; the rest shared)."""
-    out = dict(tensors)
+    check_targets({name: tuple(t.shape) for name, t in tensors.items()}, adapter, where)
+    return {name: fold_one(name, tensor, adapter) for name, tensor in tensors.items()}
+
+
+def check_targets(shapes: dict[str, tuple[int, ...]], adapter: Adapter, where: str) -> None:
+    """Every adapted module is in the model, at the adapter's shape."""
     for module, (a, b) in adapter.pairs.items():
-        name = f"{module}.weight"
-        weight = tensors.get(name)
-        if weight is None:
+        shape = shapes.get(f"{module}.weight")
+        if shape is None:
             raise InputError(where, None, f"the adapter {adapter.ref} adapts {module}, which the model lacks")
-        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
+        if (b.shape[0], a.shape[1]) != shape:
             raise InputError(
-                where,
-                None,
-                f"the adapter's {module} is {b.shape[0]} x {a.shape[1]}, the model's is {tuple(weight.shape)}",
+                where, None, f"the adapter's {module} is {b.shape[0]} x {a.shape[1]}, the model's is {shape}"
             )
-        half = a.dtype in (torch.float16, torch.bfloat16)
-        a, b = (a.float(), b.float()) if half else (a, b)
-        delta = (b.to(weight.device) @ a.to(weight.device)) * adapter.scaling
-        merged = weight.clone()
-        merged += delta  # in place, as PEFT folds it: the sum is rounded once, to the weight's dtype
-        out[name] = merged
-    return out
+
+
+def fold_one(name: str, weight: torch.Tensor, adapter: Adapter) -> torch.Tensor:
+    """`weight` (tensor `name` of the model) with its adapter pair folded in, or itself when it has none."""
+    pair = adapter.pairs.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
+    if pair is None:
+        return weight
+    a, b = pair
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, b = a.float(), b.float()
+    delta = (b.to(weight.device) @ a.to(weight.device)) * adapter.scaling
+    merged = weight.clone()
+    merged += delta  # in place, as PEFT folds it: the sum is rounded once, to the weight's dtype
+    return merged

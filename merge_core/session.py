@@ -22,19 +22,31 @@ from merge_core.methods import MergeInputs
 from merge_core.plan import MergePlan, TensorJob, plan_merge
 from merge_core.recipe import Recipe
 from merge_core.sharding import Shard, check_heads, check_shardable
-from merge_core.sources import Checkpoint, check_compatible, load_checkpoint
+from merge_core.sources import Checkpoint, check_compatible, load_checkpoint, load_lazily
 from merge_core.writer import DEFAULT_SHARD_BYTES, write_checkpoint
 
 
 class MergeSession:
-    def __init__(self, models: Sequence[str], device: str = "cpu", lean: bool = False, shard: Shard | None = None):
-        """`shard`: hold and merge only that tensor-parallel rank's part of every tensor (merge_core/sharding.py)."""
+    def __init__(
+        self,
+        models: Sequence[str],
+        device: str = "cpu",
+        lean: bool = False,
+        shard: Shard | None = None,
+        out_of_core: bool = False,
+    ):
+        """`shard`: hold and merge only that tensor-parallel rank's part of every tensor (merge_core/sharding.py).
+        `out_of_core`: keep nothing resident; every input tensor is read from disk when merged (a one-off merge
+        of models larger than memory: `evomerge merge`), which implies lean."""
         if not models:
             raise ValueError("MergeSession needs at least one model")
-        self.device, self.lean, self.shard = device, lean, shard
-        self.checkpoints: dict[str, Checkpoint] = {
-            ref: load_checkpoint(ref, device, shard) for ref in dict.fromkeys(models)
-        }
+        if out_of_core and shard is not None:
+            raise ValueError("an out-of-core session cannot be sharded")
+        self.device, self.lean, self.shard = device, lean or out_of_core, shard
+        load = (
+            (lambda ref: load_lazily(ref, device)) if out_of_core else (lambda ref: load_checkpoint(ref, device, shard))
+        )
+        self.checkpoints: dict[str, Checkpoint] = {ref: load(ref) for ref in dict.fromkeys(models)}
         check_compatible(list(self.checkpoints.values()))
         if shard is not None:
             for ref, checkpoint in self.checkpoints.items():

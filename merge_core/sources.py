@@ -7,7 +7,7 @@ loading a model can never execute pickled code.
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from merge_core.errors import InputError
-from merge_core.lora import fold, read_adapter, split_lora
+from merge_core.lora import Adapter, check_targets, fold, fold_one, read_adapter, split_lora
 from merge_core.sharding import Shard
 
 SAFETENSORS = "model.safetensors"
@@ -163,6 +163,57 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], torc
             file, None, f"cannot read weights: the header needs {8 + length + end} bytes, the file has {size}"
         )
     return tensors
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors read from its memory-mapped safetensors files on each access and never kept, so
+    an out-of-core merge holds only the tensors of the output tensor it is merging (mergekit's lazy loader)."""
+
+    def __init__(self, files: dict[str, Path], device: str, adapter: Adapter | None):
+        self.files, self.device, self.adapter = files, device, adapter  # tensor name -> its file
+        self._handles: dict[Path, object] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = _open_lazily(file, self.device)
+        handle = self._handles[file]
+        tensor = handle.get_tensor(name) if file.suffix == ".safetensors" else handle[name].to(self.device)
+        return tensor if self.adapter is None else fold_one(name, tensor, self.adapter)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def _open_lazily(file: Path, device: str):
+    """A safetensors file's memory-mapped handle, or a .bin file's tensors memory-mapped (weights_only, so no
+    pickled code runs): either way nothing is read into memory until a tensor is used."""
+    try:
+        if file.suffix == ".safetensors":
+            return safe_open(file, "pt", device=device)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - corrupt files must not end in a traceback
+        raise InputError(file, None, f"cannot read weights ({type(err).__name__}: {err})") from None
+
+
+def load_lazily(ref: str, device: str = "cpu") -> Checkpoint:
+    """`ref` with its tensors read on access (LazyTensors); shapes and dtypes come from the file headers."""
+    info = read_info(ref)
+    files = {}
+    for file in weight_files(info.path):
+        names = read_safetensors_header(file) if file.suffix == ".safetensors" else _open_lazily(file, "cpu")
+        files |= dict.fromkeys(names, file)
+    adapter_ref = split_lora(ref)[1]
+    adapter = None if adapter_ref is None else read_adapter(adapter_ref)
+    if adapter is not None:
+        check_targets(info.shapes, adapter, ref)
+    tensors = LazyTensors(files, device, adapter)
+    return Checkpoint(
+        ref=ref, path=info.path, config=info.config, shapes=info.shapes, dtypes=info.dtypes, tensors=tensors
+    )
 
 
 def load_checkpoint(ref: str, device: str = "cpu", shard: Shard | None = None) -> Checkpoint:

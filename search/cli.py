@@ -17,7 +17,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from merge_core import MergeSession, Recipe
 
     recipe = Recipe.from_yaml(Path(args.recipe))
-    session = MergeSession(recipe.model_refs(), device=args.device)
+    # One merge: read each input tensor when it is merged instead of loading every source whole first.
+    session = MergeSession(recipe.model_refs(), device=args.device, out_of_core=True)
     out = session.write(recipe, args.out_dir, seed=args.seed, shard_bytes=int(args.shard_size * 1024**2))
     print(f"wrote {out}")
 

@@ -81,6 +81,9 @@ dtype: float32
     assert json.loads((out / "config.json").read_text()) == json.loads(
         (tmp_path / "mergekit" / "config.json").read_text()
     )
+    # `evomerge merge` reads tensors on demand and folds each adapted one as it is read: the same merge.
+    streamed = load_dir(MergeSession(parsed.model_refs(), out_of_core=True).write(parsed, tmp_path / "streamed"))
+    assert all(torch.equal(streamed[name], tensor) for name, tensor in theirs.items())
     # The adapters matter: the same merge without them differs.
     bare = MergeSession([tiny_family[n] for n in ("base", "child0", "child1", "child2")]).materialize(
         Recipe.from_yaml(recipe.replace(f"+{adapters['plain']}", "").replace(f"+{adapters['rslora']}", ""))
