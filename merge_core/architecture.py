@@ -49,6 +49,17 @@ def is_pre_weight(name: str) -> bool:
     )
 
 
+# Tensors with one row per token (the input embeddings and the output head), as mergekit's architecture tables
+# mark them: the rows a tokenizer merge reorders. Named by the component before `.weight`.
+VOCABULARY_TENSORS = {"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output_layer"}
+
+
+def vocabulary_axis(name: str) -> int | None:
+    """The axis of `name` indexed by token id (0 for every tensor mergekit marks), None when there is none."""
+    parts = name.split(".")
+    return 0 if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in VOCABULARY_TENSORS else None
+
+
 def layout(tensor_names: Sequence[str]) -> Layout:
     """Split a model's tensor names into pre-weights, one layer's tensors and post-weights."""
     layers: dict[int, list[str]] = {}

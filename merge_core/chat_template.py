@@ -7,10 +7,12 @@ loaded and saved again through transformers instead of copied, which is how merg
 templates: their texts are mergekit's own LGPL files, which evomerge does not copy, so those names are refused.
 """
 
+import copy
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from merge_core.errors import shown
 
@@ -68,4 +70,13 @@ def save_tokenizer(source_dir: Path, out_dir: Path, template: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     tokenizer.chat_template = template
+    tokenizer.save_pretrained(out_dir)
+
+
+def save_built_tokenizer(tokenizer: Any, out_dir: Path, template: str | None) -> None:
+    """A built tokenizer (a tokenizer merge's) saved into `out_dir`, with `template` when given; a copy is given
+    the template, so the one a session keeps for its other recipes stays as it is."""
+    if template is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)

@@ -19,6 +19,7 @@ from merge_core.errors import InputError
 from merge_core.methods import MergeMethod
 from merge_core.parameters import Scalar, resolve
 from merge_core.recipe import OutputSlice, Recipe, SliceInput
+from merge_core.tokenizer_merge import VocabularySettings
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class MergePlan:
     base_model: str | None
     dtype: torch.dtype | None  # merge dtype; None keeps the inputs' dtype, as mergekit does
     out_dtype: torch.dtype | None
+    # The output vocabulary the token-indexed tensors are aligned to first; None keeps the sources' own.
+    vocabulary: VocabularySettings | None = None
 
 
 def plan_merge(recipe: Recipe, tensor_names: Sequence[str], num_layers: int, where: str | None = None) -> MergePlan:
@@ -90,6 +93,7 @@ def plan_merge(recipe: Recipe, tensor_names: Sequence[str], num_layers: int, whe
         base_model=recipe.base_model,
         dtype=recipe.merge_dtype,
         out_dtype=recipe.save_dtype,
+        vocabulary=VocabularySettings.of(recipe),
     )
 
 

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from merge_core.chat_template import check_chat_template
-from merge_core.errors import InputError, from_validation
+from merge_core.errors import FieldProblem, InputError, from_validation, shown
 from merge_core.methods import METHODS, MergeMethod
 from merge_core.parameters import ParameterValue, dump_value, kind_error, parse_value, pattern_entries
 
@@ -37,9 +37,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "float64": torch.float64}
 
 # mergekit keys evomerge does not merge yet, with what to do instead.
-UNSUPPORTED = {
-    "tokenizer": "not supported yet: use tokenizer_source (base or one model's reference)",
-}
+UNSUPPORTED: dict[str, str] = {}
 
 
 def _model_ref(raw: object) -> str:
@@ -51,8 +49,7 @@ def _model_ref(raw: object) -> str:
 
 
 def _tokenizer_source(raw: object) -> str:
-    if raw == "union":
-        raise ValueError("'union' is not supported yet: use base or one model's reference")
+    """base, union, or a model reference (whose tokenizer is taken as it is)."""
     return _model_ref(raw)
 
 
@@ -107,6 +104,72 @@ class Module(_Strict):
     parameters: Parameters = None
 
 
+class ZeroSource(_Strict):
+    """A token's row is all zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenSource(_Strict):
+    """A token's row is another token's row of one model (by the token or its id in that model's vocabulary)."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token: str | None = None
+    token_id: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelTokenSource":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("expected exactly one of token and token_id")
+        return self
+
+
+TOKEN_SOURCES = {"zero": ZeroSource, "model_token": ModelTokenSource}
+
+
+def _token_source(raw: object) -> "str | ZeroSource | ModelTokenSource":
+    """A model reference, or a mapping told apart by its `kind` (so that a mistake gets one message, not a
+    union's worth)."""
+    if not isinstance(raw, dict):
+        return _model_ref(raw)
+    kind = TOKEN_SOURCES.get(raw.get("kind"))
+    if kind is None:
+        raise FieldProblem(
+            "kind",
+            f"expected zero or model_token (or a model reference instead of a mapping), got {shown(raw.get('kind'))}",
+        )
+    try:
+        return kind.model_validate(raw)
+    except ValidationError as error:
+        problem = from_validation(error, "", kind)
+        field = problem.field if problem.field != "<top level>" else None
+        if field is None:
+            raise ValueError(problem.expected) from None
+        raise FieldProblem(field, problem.expected) from None
+
+
+class TokenSettings(_Strict):
+    """`tokenizer.tokens.<TOKEN>`: where the token's embedding and lm_head rows come from. Without `force`,
+    only models that lack the token take it; with it, every model does."""
+
+    source: Annotated[
+        str | ZeroSource | ModelTokenSource,
+        PlainValidator(_token_source),
+        PlainSerializer(lambda source: source if isinstance(source, str) else source.model_dump(exclude_none=True)),
+    ]
+    force: bool = False
+
+
+class TokenizerSettings(_Strict):
+    """mergekit's `tokenizer:` block: the output vocabulary (`source`), tokens to add or to fill from a chosen
+    place, and a row count to round up to."""
+
+    source: Annotated[str, PlainValidator(_tokenizer_source)] = "union"
+    tokens: dict[str, TokenSettings] | None = None
+    pad_to_multiple_of: Annotated[int, Field(ge=1)] | None = None
+
+
 # mergekit's name for the one module of a single-module architecture (every decoder-only LLM it merges)
 SINGLE_MODULE = "default"
 
@@ -148,6 +211,7 @@ class Recipe(_Strict):
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
     tokenizer_source: Annotated[str, PlainValidator(_tokenizer_source)] | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: Annotated[str, PlainValidator(check_chat_template)] | None = None
 
     _where: str = PrivateAttr("<dict>")
@@ -178,6 +242,11 @@ class Recipe(_Strict):
     @property
     def save_dtype(self) -> torch.dtype | None:
         return DTYPES.get(self.out_dtype)
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from (base, union or a model), None when the sources' own is kept."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     @property
     def body(self) -> tuple[list[ModelInput] | None, list[Slice] | None, Mapping | None, str]:
@@ -295,8 +364,7 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
     if method.base == "required" and unbased is not None:
         field = f"{unbased.path}.base_model" if unbased.is_slice else "base_model"
         raise InputError(where, field, f"required by {method.name} (set it here or at the top level)")
-    if recipe.tokenizer_source == "base" and recipe.base_model is None:
-        raise InputError(where, "tokenizer_source", "'base' needs a base_model")
+    _check_tokenizer(recipe, where)
     for piece in pieces:
         _check_inputs(piece, method, piece.base_model, where)
     if len(pieces[-1].inputs) > len(pieces[0].inputs):
@@ -308,6 +376,25 @@ def _check_recipe(recipe: Recipe, where: str) -> None:
             f"has more sources than slices[0] ({len(pieces[0].inputs)}); give the first and last slice the same models",
         )
     _check_parameters(recipe, pieces, method, where)
+
+
+def _check_tokenizer(recipe: Recipe, where: str) -> None:
+    if recipe.tokenizer is not None and recipe.tokenizer_source is not None:
+        raise InputError(
+            where, "tokenizer", "expected tokenizer: or tokenizer_source:, not both (mergekit refuses both)"
+        )
+    field = "tokenizer.source" if recipe.tokenizer is not None else "tokenizer_source"
+    if recipe.vocabulary_source == "base" and recipe.base_model is None:
+        raise InputError(where, field, "'base' needs a base_model")
+    models = recipe.model_refs()
+    for token, settings in ((recipe.tokenizer and recipe.tokenizer.tokens) or {}).items():
+        source = settings.source
+        model = source if isinstance(source, str) else getattr(source, "model", None)
+        if model is not None and model not in models:
+            path = f"tokenizer.tokens.{token}.source" + ("" if isinstance(source, str) else ".model")
+            raise InputError(
+                where, path, f"{model!r} is not a model of this recipe; expected one of {', '.join(models)}"
+            )
 
 
 def _check_inputs(piece: OutputSlice, method: MergeMethod, base: str | None, where: str) -> None:

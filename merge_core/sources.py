@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from merge_core.architecture import vocabulary_axis
 from merge_core.errors import InputError
 from merge_core.lora import Adapter, check_targets, fold, fold_one, read_adapter, split_lora
 from merge_core.sharding import Shard
@@ -241,21 +242,41 @@ def load_checkpoint(ref: str, device: str = "cpu", shard: Shard | None = None) -
     return Checkpoint(ref=ref, path=path, config=config, shapes=shapes, dtypes=dtypes, tensors=tensors)
 
 
-def check_compatible(checkpoints: Sequence[CheckpointInfo]) -> None:
-    """Preflight: every source has the same tensor names, shapes and vocab size, else name the first mismatch."""
+def check_compatible(checkpoints: Sequence[CheckpointInfo], same_vocabulary: bool = True) -> None:
+    """Preflight: every source has the same tensor names and shapes, else name the first mismatch. With
+    `same_vocabulary=False` (a tokenizer merge aligns them) the vocab size and the token axis may differ."""
     reference = checkpoints[0]
+    if same_vocabulary:
+        check_same_vocabulary(checkpoints)
     for other in checkpoints[1:]:
-        if other.vocab_size != reference.vocab_size:
-            raise InputError(
-                other.ref, None, f"vocab_size {other.vocab_size} differs from {reference.ref}'s {reference.vocab_size}"
-            )
         missing = [name for name in reference.shapes if name not in other.shapes]
         extra = [name for name in other.shapes if name not in reference.shapes]
         if missing or extra:
             name, where = (missing[0], "lacks") if missing else (extra[0], "has an extra")
             raise InputError(other.ref, None, f"{where} tensor {name} compared with {reference.ref}")
         for name, shape in reference.shapes.items():
-            if other.shapes[name] != shape:
+            if not _shapes_agree(name, other.shapes[name], shape, same_vocabulary):
                 raise InputError(
                     other.ref, None, f"tensor {name} has shape {other.shapes[name]}, {reference.ref} has {shape}"
                 )
+
+
+def check_same_vocabulary(checkpoints: Sequence[CheckpointInfo]) -> None:
+    """Without a tokenizer setting the merge reads every model's rows as they are: their vocabularies must agree."""
+    reference = checkpoints[0]
+    for other in checkpoints[1:]:
+        if other.vocab_size != reference.vocab_size:
+            raise InputError(
+                other.ref,
+                None,
+                f"vocab_size {other.vocab_size} differs from {reference.ref}'s {reference.vocab_size} "
+                "(set tokenizer_source: base, union or a model to merge differing vocabularies)",
+            )
+
+
+def _shapes_agree(name: str, shape: tuple[int, ...], other: tuple[int, ...], same_vocabulary: bool) -> bool:
+    """Equal shapes; or, for a token-indexed tensor when vocabularies may differ, equal but along that axis."""
+    axis = None if same_vocabulary else vocabulary_axis(name)
+    if axis is None or len(shape) != len(other) or axis >= len(shape):
+        return shape == other
+    return shape[:axis] + shape[axis + 1 :] == other[:axis] + other[axis + 1 :]

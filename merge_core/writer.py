@@ -9,11 +9,12 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from merge_core.chat_template import save_tokenizer
+from merge_core.chat_template import save_built_tokenizer, save_tokenizer
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 TOKENIZER_FILES = (
@@ -41,15 +42,21 @@ def write_checkpoint(
     recipe_yaml: str,
     chat_template: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    tokenizer: Any = None,
 ) -> Path:
-    """`chat_template`: Jinja text for the tokenizer, which is then rewritten through transformers, not copied."""
+    """`chat_template`: Jinja text for the tokenizer, which is then rewritten through transformers, not copied.
+    `tokenizer`: a built tokenizer (a tokenizer merge's) saved through transformers instead of `tokenizer_dir`'s
+    files; generation_config.json still comes from `tokenizer_dir`."""
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         write_shards(staging, tensors, shard_bytes)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if chat_template is None:
+        if tokenizer is not None:
+            save_built_tokenizer(tokenizer, staging, chat_template)
+            copied = (GENERATION_CONFIG,)
+        elif chat_template is None:
             copied = (*TOKENIZER_FILES, GENERATION_CONFIG)
         else:
             save_tokenizer(tokenizer_dir, staging, chat_template)

@@ -78,7 +78,10 @@ def hostile(f: dict, odd: dict) -> dict[str, tuple[str, str]]:
             f"  - {{model: {odd['vocab']}, parameters: {{weight: 1}}}}\n",
             "vocab",
         ),
-        "union_tokenizer": (f"merge_method: linear\ntokenizer_source: union\n{two}", "union"),
+        "two_tokenizer_settings": (
+            f"merge_method: linear\ntokenizer_source: union\ntokenizer: {{source: union}}\n{two}",
+            "not both",
+        ),
         "bad_dtype": (f"merge_method: linear\ndtype: float8\n{two}", "dtype"),
     }
 

@@ -74,6 +74,18 @@ models:
   - {model: c0, parameters: {weight: 0.30000000000000004}}
   - {model: c1, parameters: {weight: [1.0e-300, 123456789.123456789, -2.5e+20, 0.1]}}
 """,
+    "tokenizer_block": """
+merge_method: task_arithmetic
+base_model: base
+models: [{model: c0, parameters: {weight: 1}}]
+tokenizer:
+  source: union
+  tokens:
+    "<|im_start|>": {source: {kind: zero}}
+    "<|im_end|>": {source: c0, force: true}
+    "<x>": {source: {kind: model_token, model: base, token_id: 3}}
+  pad_to_multiple_of: 64
+""",
     "nuslerp_single_filter_entry": """
 merge_method: nuslerp
 models:
@@ -244,7 +256,7 @@ HOSTILE = [
         "models[0].paramters",
         "unknown key; expected one of: model, parameters",
     ),
-    (LINEAR_A + "tokenizer_source: union", "tokenizer_source", "'union' is not supported yet"),
+    (LINEAR_A + "tokenizer_source: union\ntokenizer: {source: union}", "tokenizer", "not both"),
     (LINEAR_A + "tokenizer_source: base", "tokenizer_source", "'base' needs a base_model"),
     (
         "merge_method: linear\nmodules: {text: {models: [{model: a, parameters: {weight: 1}}]}}",
@@ -258,7 +270,13 @@ HOSTILE = [
         "base_model",
         "required by ties",
     ),
-    (LINEAR_A + "tokenizer: {source: base}", "tokenizer", "not supported yet: use tokenizer_source"),
+    (LINEAR_A + "tokenizer: {source: base}", "tokenizer.source", "'base' needs a base_model"),
+    (
+        LINEAR_A + "tokenizer: {tokens: {x: {source: {kind: model_token, model: zz, token: y}}}}",
+        "tokenizer.tokens.x.source.model",
+        "'zz' is not a model of this recipe",
+    ),
+    (LINEAR_A + "tokenizer: {tokens: {x: {source: {kind: zer0}}}}", "tokenizer.tokens.x.source.kind", "got 'zer0'"),
     (LINEAR_A + "dtype: fp8", "dtype", "expected one of 'bfloat16', 'float16', 'float32' or 'float64', got 'fp8'"),
     (
         "merge_method: linear\nparameters: {weight: 1}\nmodels:\n  - model: a\n  - model: b\n  - model: a",
