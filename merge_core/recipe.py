@@ -294,6 +294,10 @@ class Recipe(_Strict):
     def from_dict(cls, data: object, where: str = "<dict>") -> "Recipe":
         if not isinstance(data, dict):
             raise InputError(where, "recipe", "expected a mapping with merge_method and models: or slices:")
+        if "experts" in data and "merge_method" not in data:
+            raise InputError(
+                where, "experts", "this is a mergekit-moe config: Mixture-of-Experts merges are not supported yet"
+            )
         try:
             return cls.model_validate(data, context={"where": where})
         except ValidationError as error:

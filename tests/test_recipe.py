@@ -158,6 +158,7 @@ slices:
 # (recipe text, field path, a fragment of what was expected)
 HOSTILE = [
     (LINEAR_A + "foo: 1", "foo", "unknown key; expected one of: name, merge_method"),
+    ("base_model: a\ngate_mode: hidden\nexperts: [{source_model: b}]", "experts", "this is a mergekit-moe config"),
     ("merge_method: lineer\nmodels: [{model: a}]", "merge_method", "unknown method 'lineer'; expected one of linear"),
     (
         LINEAR_A + "slices: [{sources: [{model: a, layer_range: [0, 1]}]}]",
