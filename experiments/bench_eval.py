@@ -182,7 +182,7 @@ def bench_vllm(size: str, args: argparse.Namespace) -> dict:
     }
     specs = {
         backend: WorkerSpec(
-            models, "cpu", config, search_parts=(tuple(TaskSpec(task=t) for t in tasks),), heldout_tasks=()
+            models, args.device, config, search_parts=(tuple(TaskSpec(task=t) for t in tasks),), heldout_tasks=()
         )
         for backend, config in configs.items()
     }
@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--vllm", action="store_true", help="also time the vLLM backend (swap, restart) against HF")
     parser.add_argument("--candidates", type=int, default=6)
+    parser.add_argument("--device", default="cpu", help="--vllm: the workers' device (cuda with the vllm extra)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [bench(size, args) for size in args.sizes.split(",")]
