@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from evaluators.config import Bytes, EvalConfig, TaskSpec
+from merge_core.chat_template import check_chat_template
 from merge_core.errors import FieldProblem, InputError, from_validation, shown
 from merge_core.methods import METHODS, MergeMethod
 from search.run_dir import RunDir
@@ -110,6 +111,14 @@ class MergeConfig(Section):
     # its own arithmetic; lean: keep only the sources and recompute those per tensor per candidate (bit for bit
     # the same merge, slower); auto: fast where the memory plan says it fits, else lean.
     memory: Literal["fast", "lean", "auto"] = "auto"
+    # A mergekit chat_template (auto, chatml or Jinja text) every candidate recipe and the export carry; with
+    # evaluation.apply_chat_template the candidates are also scored through it.
+    chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        return None if value is None else check_chat_template(value)
 
     @property
     def spec(self) -> MergeMethod:
@@ -373,6 +382,12 @@ class SearchConfig(Section):
         else:
             self._check_data_flow()
         self._check_objectives()
+        if self.merge.chat_template and self.evaluation.backend == "vllm" and self.evaluation.apply_chat_template:
+            raise FieldProblem(
+                "merge.chat_template",
+                "expected none with evaluation.backend vllm and apply_chat_template (the engine keeps its model's "
+                "template): score with the hf backend, or set the template after the search",
+            )
         if self.selection is not None and self.fitness.limit is None:
             raise FieldProblem(
                 "fitness.limit",

@@ -146,4 +146,5 @@ def worker_spec(config: SearchConfig, memory: MemoryPlan) -> WorkerSpec:
         threads=max(1, (os.cpu_count() or 1) // config.execution.workers),
         trust_remote_code=config.trust_remote_code,
         stages=((STAGE1, stage1.to_yaml(), config.seed),) if stage1 else (),
+        chat_template=config.merge.chat_template,
     )

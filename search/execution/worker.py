@@ -3,11 +3,13 @@ candidate then costs one in-memory merge written into the live model's weights, 
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from evaluators import EvalConfig, Evaluator, TaskSpec
 from merge_core import MergeSession, Recipe
+from merge_core.chat_template import template_text
 from merge_core.layer_path import LayerPath
 from merge_core.path_model import PathModel
 from merge_core.sources import resolve_model_dir
@@ -32,6 +34,7 @@ class WorkerSpec:
     lean: bool = False  # the merge session's mode (merge.memory, as the memory plan resolved it)
     # Merges kept resident as extra sources, (name, recipe YAML, seed): ps+dfs's stage 1, which paths read.
     stages: tuple[tuple[str, str, int], ...] = ()
+    chat_template: str | None = None  # merge.chat_template: the evaluation tokenizer's template for every candidate
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,9 @@ class CandidateWorker:
             self.session.add_merged(name, Recipe.from_yaml(recipe_yaml), seed)
 
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
+        if spec.chat_template:  # what the exported merge's tokenizer will carry, so candidates are scored with it
+            dirs = [Path(self.session.checkpoints[ref].path) for ref in spec.models]
+            tokenizer.chat_template = template_text(spec.chat_template, dirs) or tokenizer.chat_template
         self.model = AutoModelForCausalLM.from_pretrained(
             skeleton, dtype="auto", trust_remote_code=spec.trust_remote_code
         ).to(self.device)

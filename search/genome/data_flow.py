@@ -86,7 +86,8 @@ class PathGenome:
         return LayerPath(tuple(Slot(*self.slots[i], float(scales[i])) for i in chosen))
 
     def recipe_dict(self, x: np.ndarray) -> dict:
-        return self.path(x).recipe_dict(self.config.merge.dtype)
+        template = self.config.merge.chat_template
+        return self.path(x).recipe_dict(self.config.merge.dtype) | ({"chat_template": template} if template else {})
 
     def decode(self, x: np.ndarray) -> Recipe:
         return Recipe.from_dict(self.recipe_dict(x), where=f"{self.config.where} (decoded genome)")

@@ -197,6 +197,8 @@ class Genome:
             recipe["parameters"] = shared
         if config.merge.dtype:
             recipe["dtype"] = config.merge.dtype
+        if config.merge.chat_template:
+            recipe["chat_template"] = config.merge.chat_template
         return recipe
 
     def decode(self, x: np.ndarray) -> Recipe:
