@@ -35,7 +35,7 @@ from evaluators.toy_family import Family, build_family
 from merge_core import MergeSession
 from merge_core.path_model import PathModel
 from search.config import SearchConfig
-from search.genome.data_flow import PathGenome
+from search.genome.data_flow import PathGenome, path_line
 from search.results.summary import RunSummary
 from search.run_dir import RunDir
 from search.runner import run_search
@@ -70,11 +70,7 @@ def search(config: Path, name: str, out: Path) -> tuple[RunSummary, RunDir]:
 
 
 def best_path(run: RunDir, summary: RunSummary) -> str:
-    from merge_core import Recipe
-    from merge_core.layer_path import LayerPath
-
-    path = LayerPath.of(Recipe.from_yaml(run.read_text(run.path / summary.best.recipe)))
-    return path.describe(lambda ref: Path(ref).name or ref) if path else "(not a path)"
+    return path_line(run.read_text(run.path / summary.best.recipe)) or "(not a path)"
 
 
 def compare(family: Family, seed: int, trials: int, root: Path, options: argparse.Namespace) -> list[str]:

@@ -201,20 +201,25 @@ def _open_lazily(file: Path, device: str):
 
 
 def load_lazily(ref: str, device: str = "cpu") -> Checkpoint:
-    """`ref` with its tensors read on access (LazyTensors); shapes and dtypes come from the file headers."""
-    info = read_info(ref)
-    files = {}
-    for file in weight_files(info.path):
-        names = read_safetensors_header(file) if file.suffix == ".safetensors" else _open_lazily(file, "cpu")
-        files |= dict.fromkeys(names, file)
+    """`ref` with its tensors read on access (LazyTensors); shapes and dtypes come from the safetensors headers
+    (or a memory-mapped .bin), each file read once and no weight loaded."""
+    path, config = read_config(ref)
+    files, shapes, dtypes = {}, {}, {}
+    for file in weight_files(path):
+        if file.suffix == ".safetensors":
+            header = read_safetensors_header(file)
+        else:
+            header = {name: (tuple(t.shape), t.dtype) for name, t in _open_lazily(file, "cpu").items()}
+        for name, (shape, dtype) in header.items():
+            files[name], shapes[name], dtypes[name] = file, shape, dtype
+    if not files:
+        raise InputError(ref, None, "the checkpoint holds no tensors")
     adapter_ref = split_lora(ref)[1]
     adapter = None if adapter_ref is None else read_adapter(adapter_ref)
     if adapter is not None:
-        check_targets(info.shapes, adapter, ref)
+        check_targets(shapes, adapter, ref)
     tensors = LazyTensors(files, device, adapter)
-    return Checkpoint(
-        ref=ref, path=info.path, config=info.config, shapes=info.shapes, dtypes=info.dtypes, tensors=tensors
-    )
+    return Checkpoint(ref=ref, path=path, config=config, shapes=shapes, dtypes=dtypes, tensors=tensors)
 
 
 def load_checkpoint(ref: str, device: str = "cpu", shard: Shard | None = None) -> Checkpoint:

@@ -3,7 +3,6 @@ candidate then costs one in-memory merge written into the live model's weights, 
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -98,7 +97,7 @@ class CandidateWorker:
 
         self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
         if spec.chat_template:  # what the exported merge's tokenizer will carry, so candidates are scored with it
-            dirs = [Path(self.session.checkpoints[ref].path) for ref in spec.models]
+            dirs = [self.session.checkpoints[ref].path for ref in spec.models]
             tokenizer.chat_template = template_text(spec.chat_template, dirs) or tokenizer.chat_template
         self.model = AutoModelForCausalLM.from_pretrained(
             skeleton, dtype="auto", trust_remote_code=spec.trust_remote_code

@@ -330,12 +330,13 @@ class FinalComparison:
         beside = f"\n# search, selection and held-out scores\n\n```\n{splits}\n```\n" if splits else ""
         run.write_text(run.report, f"# held-out comparison\n\n```\n{table}\n```\n{verdict}{beside}")
         paths = self.config.genome.kind != "ps"  # front.csv gets each member's layer path
+        recipes = {m.trial: run.read_text(run.trial_recipe(m.trial)) for m in summary.front}
         self.tracker.log_front(
             [
                 {
                     "trial": m.trial,
-                    "recipe": run.read_text(run.trial_recipe(m.trial)),
-                    **({"path": path_line(run.read_text(run.trial_recipe(m.trial)))} if paths else {}),
+                    "recipe": recipes[m.trial],
+                    **({"path": path_line(recipes[m.trial])} if paths else {}),
                     **m.search,
                     **{f"{SELECTION}.{task}": value for task, value in m.selection.items()},
                     **{f"{HELDOUT}.{task}": value for task, value in m.heldout.items()},
