@@ -2,11 +2,12 @@
 default recipes and a tuned single λ, vs the parents — all on the held-out split the search never saw.
 
     .venv/bin/python experiments/bench_search.py [--seeds 0,1,2] [--skills srt,rev,cae]
-        [--optimizers cmaes,cmaes+rungs,random] [--trials 60] [--rungs 25,75,200]
+        [--optimizers cmaes,cmaes+rungs,cmaes+sep,random] [--trials 60] [--rungs 25,75,200] [--layer-granularity 1]
 
 Every variant gets the same item budget: what `--trials` full-fidelity candidates cost. A `+rungs` variant
 scores candidates with fitness.rungs (asynchronous successive halving), so it sees more candidates for it; a
-`+coarse` variant sets optimizer.coarse_to_fine (the one-knob grid first, charged to the same budget). Every
+`+coarse` variant sets optimizer.coarse_to_fine (the one-knob grid first, charged to the same budget); a
+`+sep` variant sets optimizer.covariance: diagonal (separable CMA-ES). Every
 variant after the first is also compared with the first, paired on the same held-out items.
 
 Each seed builds (or reuses) its own demo family (family seed = search seed), since whether a base picks up a
@@ -33,17 +34,23 @@ from search.run_dir import RunDir
 from search.runner import run_search
 
 
-def config_for(family: Family, variant: str, seed: int, trials: int, rungs: list[int], out: Path) -> Path:
+def config_for(
+    family: Family, variant: str, seed: int, trials: int, rungs: list[int], out: Path, layer_granularity: int | None
+) -> Path:
     config = yaml.safe_load(DEMO_CONFIG.read_text().replace(FAMILY_PLACEHOLDER, str(family.root)))
     # The demo config names the default skills; another triple swaps in its children and held-out tasks.
     config["models"]["fine_tunes"] = [str(path) for path in family.children.values()]
     config["held_out"]["tasks"] = [{"task": task, "metric": "acc"} for task in family.test_tasks.values()]
     optimizer, *extras = variant.split("+")
-    unknown = set(extras) - {"rungs", "coarse"}
+    unknown = set(extras) - {"rungs", "coarse", "sep"}
     if unknown:
-        raise SystemExit(f"--optimizers: expected NAME[+rungs][+coarse], got {variant!r}")
+        raise SystemExit(f"--optimizers: expected NAME[+rungs][+coarse][+sep], got {variant!r}")
     config["optimizer"]["name"] = optimizer
     config["optimizer"]["coarse_to_fine"] = "coarse" in extras
+    if "sep" in extras:
+        config["optimizer"]["covariance"] = "diagonal"
+    if layer_granularity:
+        config["genome"]["layer_granularity"] = layer_granularity
     tasks = 3  # toy_search: one task per skill
     config["budget"] = {"trials": None, "item_evals": trials * config["fitness"]["limit"] * tasks}
     if "rungs" in extras:
@@ -97,6 +104,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default="cmaes,cmaes+rungs,random")
     parser.add_argument("--trials", type=int, default=60, help="the item budget, in full-fidelity candidates")
     parser.add_argument("--rungs", default="25,75,200")
+    parser.add_argument("--layer-granularity", type=int, help="layers per gene group (the demo's 3: one group)")
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
     rungs = [int(size) for size in args.rungs.split(",")]
@@ -110,7 +118,7 @@ def main() -> None:
             out = root / f"seed{seed}-{optimizer}"
             out.mkdir()
             summaries[optimizer] = run_search(
-                config_for(family, optimizer, seed, args.trials, rungs, out), say=lambda _: None
+                config_for(family, optimizer, seed, args.trials, rungs, out, args.layer_granularity), say=lambda _: None
             )
             curves[optimizer] = best_so_far(out / "run")
         reference = summaries[optimizers[0]]

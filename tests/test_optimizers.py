@@ -519,3 +519,43 @@ def test_advice_names_the_optimizer_the_genome_size_and_what_else_fits():
     assert advice(make_genome("gp").config, make_genome("gp")) == (
         f"gp (6 genes): a GP models the genes jointly, sample-efficient on few trials; fits up to {gp.MAX_GENES} genes"
     )
+
+
+def open_separable(run_dir: Path, resume: bool = False) -> Optimizer:
+    data = make_genome("cmaes", seed=5).config.model_dump(mode="json")
+    data["optimizer"]["covariance"] = "diagonal"
+    config = SearchConfig.from_dict(data, where="search.yml")
+    return make_optimizer(config, Genome(config, NAMES, 2), RunDir(run_dir), resume=resume)
+
+
+def test_separable_cma_improves_adapts_per_gene_and_resumes_exactly(tmp_path: Path):
+    full = run(open_optimizer(tmp_path / "full", "cmaes", seed=5), 8 * POPSIZE)
+    uninterrupted = open_separable(tmp_path / "a")
+    expected = run(uninterrupted, 8 * POPSIZE)
+    es = uninterrupted.state.es
+    assert type(es.sm).__name__ == "GaussStandardConstant"  # no covariance matrix at all
+    assert np.ptp(es.sigma_vec.scaling) > 0  # a variance per gene, adapted apart
+    assert min(v for _, v in expected[-POPSIZE:]) < min(v for _, v in expected[:POPSIZE])
+    assert not np.array_equal([x for x, _ in full], [x for x, _ in expected])  # another algorithm than full CMA
+    optimizer, asked = open_separable(tmp_path / "b"), []
+    for _ in range(8):
+        asked += [x for x, _ in run(optimizer, POPSIZE - 1)]
+        optimizer = open_separable(tmp_path / "b", resume=True)  # mid-generation
+        asked += [x for x, _ in run(optimizer, 1)]
+    np.testing.assert_array_equal(asked, [x for x, _ in expected])
+    assert "C" not in json.loads(optimizer.checkpoint.read_text())["strategy"]
+
+
+def test_resuming_with_another_covariance_is_refused(tmp_path: Path):
+    run(open_separable(tmp_path), POPSIZE + 1)
+    with pytest.raises(
+        InputError, match=r"covariance: expected full, this search's optimizer.covariance, got 'diagonal'"
+    ):
+        open_optimizer(tmp_path, "cmaes", seed=5, resume=True)
+
+
+def test_covariance_is_refused_for_another_optimizer():
+    data = make_genome("tpe").config.model_dump(mode="json")
+    data["optimizer"]["covariance"] = "diagonal"
+    with pytest.raises(InputError, match=r"search.yml: optimizer.covariance: expected it only with name: cmaes"):
+        SearchConfig.from_dict(data, where="search.yml")

@@ -13,6 +13,8 @@
   one-knob grid, search/genome/coarse.py, and the warm starts) are handed out first as a "coarse" generation
   that pycma is never told; once all are in, the strategy's mean moves to the best of them, as if it had
   been started there, and sampling begins. So stage 2 starts where the best one-knob merge ends.
+- Separable (optimizer.covariance: diagonal): pycma's CMA_diagonal, a variance per gene in sigma_vec and a
+  constant standard-normal sampler, so the state file holds no C, B, D (`_fields`).
 - Determinism: pycma draws its normal samples from its `randn` option, by default numpy's global RNG; here
   it is the `randn` of the optimizer's own seeded RandomState, so the same seed gives the same asks whatever
   else uses np.random.
@@ -43,6 +45,7 @@ from typing import Annotated, Any, Literal
 import cma
 import numpy as np
 import optuna
+from cma.sampler import GaussStandardConstant
 from cma.sigma_adaptation import CMAAdaptSigmaCSA
 from cma.transformations import DiagonalDecoding
 from cma.utilities.utils import ElapsedWCTime
@@ -83,6 +86,10 @@ STEP_SIZE = {"ps": ("adapt_sigma.ps", np.ndarray)}
 
 
 def _fields(es: cma.CMAEvolutionStrategy) -> dict[str, tuple[str, type]]:
+    """Separable CMA-ES samples from a constant standard normal (es.sm) and keeps its diagonal covariance in
+    sigma_vec: the sampler has no state of its own."""
+    if isinstance(es.sm, GaussStandardConstant):
+        return {name: spec for name, spec in {**STRATEGY, **STEP_SIZE}.items() if not spec[0].startswith("sm.")}
     return {**STRATEGY, **STEP_SIZE}
 
 
@@ -150,6 +157,7 @@ class StateData(Data):
     genes: list[str]
     popsize: int
     sigma0: float
+    covariance: Literal["full", "diagonal"] = "full"  # files written before separable CMA-ES existed: full
     strategy: dict[str, Any]  # `_fields` and sigma_vec, checked against the fresh strategy in CmaEs._restore
     directions: DirectionData
     rng: RngData
@@ -223,6 +231,7 @@ class CmaEs(Optimizer):
         self.sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         self.sampler = study.sampler = GivenParams()
         self.checkpoint = Path(checkpoint)
+        self.covariance = options.covariance
         self.state = self._fresh(options, seed)
         self.state.centred = not options.coarse_to_fine
         if self.checkpoint.exists():
@@ -356,6 +365,7 @@ class CmaEs(Optimizer):
             # CSA at every size: pycma would switch to TPA from 300 genes, which needs its pair of samples told
             # first and as given, and asynchronous workers return stragglers and warm starts in any order.
             "AdaptSigma": CMAAdaptSigmaCSA,
+            "CMA_diagonal": options.covariance == "diagonal",
         }
         if options.popsize:
             settings["popsize"] = options.popsize
@@ -372,6 +382,7 @@ class CmaEs(Optimizer):
             "genes": self.names,
             "popsize": state.es.popsize,
             "sigma0": state.es.sigma0,
+            "covariance": self.covariance,
             **state.start,
             "generation": [_member_data(m) for m in state.generation],
             "queue": [x.tolist() for x in state.queue],
@@ -396,6 +407,7 @@ class CmaEs(Optimizer):
             "genes": (self.names, f"the {len(self.names)} genes of this search's genome"),
             "popsize": (es.popsize, f"{es.popsize}, this search's population size"),
             "sigma0": (es.sigma0, f"{es.sigma0}, this search's optimizer.sigma0"),
+            "covariance": (self.covariance, f"{self.covariance}, this search's optimizer.covariance"),
         }
         for name, (ours, wanted) in expected.items():
             if getattr(data, name) != ours:
