@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import InputError
-from merge_core.lora import split_lora
 from merge_core.moe_config import RANDOM_MODES, MoEConfig
 from merge_core.recipe import DTYPES
 from merge_core.sources import Checkpoint, load_lazily
@@ -47,8 +46,7 @@ def build_moe(
     model (mergekit's --i-understand-this-is-not-useful-without-training)."""
     from transformers import AutoConfig, MixtralConfig
 
-    refs = [config.base_model, *(expert.source_model for expert in config.experts)]
-    checkpoints = {ref: load_lazily(ref) for ref in refs}
+    checkpoints = {ref: load(config, field, ref) for field, ref in source_fields(config)}
     base = checkpoints[config.base_model]
     check_sources(config, checkpoints, allow_all_same)
     base_config = AutoConfig.from_pretrained(base.path)
@@ -75,6 +73,19 @@ def build_moe(
     )
 
 
+def source_fields(config: MoEConfig) -> list[tuple[str, str]]:
+    """(field, model reference) of every model the config names, base first."""
+    experts = [(f"experts[{i}].source_model", expert.source_model) for i, expert in enumerate(config.experts)]
+    return [("base_model", config.base_model), *experts]
+
+
+def load(config: MoEConfig, field: str, ref: str) -> Checkpoint:
+    try:
+        return load_lazily(ref)
+    except InputError as error:  # a missing model is the config's field, not a stray path
+        raise InputError(config.where, field, str(error)) from None
+
+
 def mlp_names(layers: int) -> list[str]:
     return [f"model.layers.{layer}.mlp.{weight}.weight" for layer in range(layers) for weight, _ in EXPERT_WEIGHTS]
 
@@ -83,9 +94,7 @@ def check_sources(config: MoEConfig, checkpoints: dict[str, Checkpoint], allow_a
     """Every model a Llama or Mistral of the base's type, without biases, with MLPs shaped as the base's."""
     where, base = config.where, checkpoints[config.base_model]
     base_type = base.config.get("model_type")
-    fields = [("base_model", config.base_model)]
-    fields += [(f"experts[{i}].source_model", expert.source_model) for i, expert in enumerate(config.experts)]
-    for field, ref in fields:
+    for field, ref in source_fields(config):
         source = checkpoints[ref]
         model_type = source.config.get("model_type")
         if model_type not in SOURCE_TYPES:
@@ -103,10 +112,6 @@ def check_sources(config: MoEConfig, checkpoints: dict[str, Checkpoint], allow_a
                 )
     if config.gate_mode in RANDOM_MODES:
         return
-    if split_lora(config.base_model)[1] is not None:
-        raise InputError(
-            where, "base_model", f"gate_mode {config.gate_mode} runs the base model: give a model, not MODEL+ADAPTER"
-        )
     if len({expert.source_model for expert in config.experts}) == 1 and not allow_all_same:
         raise InputError(
             where,

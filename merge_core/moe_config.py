@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from merge_core.errors import FieldProblem, InputError, from_validation
+from merge_core.lora import split_lora
 from merge_core.recipe import DTypeName, ModelRef, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class MoEConfig(_Lenient):
             )
         if self.gate_mode not in RANDOM_MODES:
             self._check_prompts()
+        if self.gate_mode.startswith("hidden") and split_lora(self.base_model)[1] is not None:
+            # mergekit runs the bare model here, adapter left out: refused rather than routed by another model
+            raise FieldProblem(
+                "base_model", f"gate_mode {self.gate_mode} runs the base model: give a model, not MODEL+ADAPTER"
+            )
         ignored = [(key, "") for key in self.model_extra or {}]
         ignored += [
             (key, f"experts[{i}].") for i, expert in enumerate(self.experts) for key in expert.model_extra or {}
