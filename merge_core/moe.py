@@ -147,7 +147,13 @@ def prompt_embedder(config: MoEConfig, base: Checkpoint, device: str) -> Callabl
     """prompts -> one vector per layer, (layers, hidden), by `config.gate_mode`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base.path)
+    except (OSError, ValueError) as error:
+        problem = " ".join(str(error).split())[:200]
+        raise InputError(
+            config.where, "base_model", f"gate_mode {config.gate_mode} tokenizes the prompts: no tokenizer ({problem})"
+        ) from None
     # Left padding puts every prompt's last token last. The pad token matters only to hidden_avg, which
     # averages over the padding too: the bos token, as mergekit pads.
     tokenizer.padding_side = "left"

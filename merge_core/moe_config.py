@@ -92,9 +92,7 @@ class MoEConfig(_Lenient):
                 )
         prompts = {(tuple(e.positive_prompts), tuple(e.negative_prompts or ())) for e in self.experts}
         if len(prompts) == 1:
-            raise FieldProblem(
-                "experts", "every expert has the same prompts, so the router could not tell them apart (as mergekit)"
-            )
+            raise FieldProblem("experts", "every expert has the same prompts, so the router could not tell them apart")
 
     @property
     def where(self) -> str:

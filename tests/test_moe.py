@@ -216,7 +216,8 @@ def test_keys_mergekit_ignores_are_warned_about_and_kept(tiny_family, caplog):
 
 @pytest.fixture(scope="module")
 def odd_models(tiny_family, tmp_path_factory) -> dict[str, str]:
-    """child0 relabelled Mistral, relabelled GPT-2, with a cut MLP; and a Llama of another width."""
+    """child0 relabelled Mistral, relabelled GPT-2, with a cut MLP; the base without its tokenizer; a Llama of
+    another width."""
     root = tmp_path_factory.mktemp("odd_moe")
     odd = {}
     for name, change in (("mistral", "mistral"), ("gpt2", "gpt2"), ("cut", None)):
@@ -228,6 +229,8 @@ def odd_models(tiny_family, tmp_path_factory) -> dict[str, str]:
     tensors = load_file(root / "cut" / "model.safetensors")
     tensors["model.layers.2.mlp.up_proj.weight"] = tensors["model.layers.2.mlp.up_proj.weight"][:32].clone()
     save_file(tensors, root / "cut" / "model.safetensors", metadata={"format": "pt"})
+    odd["untokenized"] = str(root / "untokenized")
+    shutil.copytree(tiny_family["base"], odd["untokenized"], ignore=shutil.ignore_patterns("tokenizer*"))
     odd["wide"] = make_tiny_family(root / "wide", tie_embeddings=False, children=0, hidden=48)["base"]
     return odd
 
@@ -258,12 +261,19 @@ def bad_configs(f: dict, odd: dict) -> dict[str, tuple[str, str]]:
         "shared_experts": (two(head=f"shared_experts: [{{source_model: {c1}}}]"), "shared_experts: not supported"),
         "qwen_output": (two(head="architecture: qwen"), "architecture: expected mixtral"),
         "lora_base_hidden": (two().replace(f"base_model: {b}", f"base_model: {b}+{c1}"), "base_model: gate_mode hidden runs the base model: give a model, not MODEL+ADAPTER"),
+        "no_tokenizer": (
+            two().replace(f"base_model: {b}", f"base_model: {odd['untokenized']}"),
+            "base_model: gate_mode hidden tokenizes the prompts: no tokenizer",
+        ),
         "merge_recipe": (f"merge_method: linear\nmodels: [{{model: {b}}}]\n", "merge_method: this is a mergekit-yaml recipe: merge it with `evomerge merge`"),
     }  # fmt: skip
 
 
 BAD = list(
-    bad_configs({n: "" for n in ("base", "child0", "child1")}, {n: "" for n in ("mistral", "gpt2", "cut", "wide")})
+    bad_configs(
+        {n: "" for n in ("base", "child0", "child1")},
+        {n: "" for n in ("mistral", "gpt2", "cut", "untokenized", "wide")},
+    )
 )
 
 
