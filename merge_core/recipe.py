@@ -66,6 +66,26 @@ def _layer_range(raw: object) -> tuple[int, int]:
     return start, end
 
 
+def read_yaml(source: str | Path) -> tuple[object, str]:
+    """(the parsed YAML, where it came from) of a file (a Path, or a str naming an existing file) or YAML text;
+    an unreadable file or bad YAML is one InputError line."""
+    is_path = isinstance(source, Path) or ("\n" not in source and os.path.isfile(source))
+    if not is_path and "\n" not in source and source.strip().endswith((".yml", ".yaml")):
+        raise InputError(source, "file", "not found")
+    where = str(source) if is_path else "<text>"
+    try:
+        text = Path(source).read_text() if is_path else source
+    except OSError as error:
+        raise InputError(where, "file", f"cannot be read ({error.strerror})") from None
+    try:
+        return yaml.safe_load(text), where
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f"line {mark.line + 1}" if mark else "yaml"
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise InputError(where, line, f"invalid YAML ({problem})") from None
+
+
 ModelRef = Annotated[str, PlainValidator(_model_ref)]
 LayerRange = Annotated[tuple[int, int], PlainValidator(_layer_range), PlainSerializer(list)]
 Value = Annotated[ParameterValue, PlainValidator(parse_value), PlainSerializer(dump_value)]
@@ -296,7 +316,7 @@ class Recipe(_Strict):
             raise InputError(where, "recipe", "expected a mapping with merge_method and models: or slices:")
         if "experts" in data and "merge_method" not in data:
             raise InputError(
-                where, "experts", "this is a mergekit-moe config: Mixture-of-Experts merges are not supported yet"
+                where, "experts", "this is a mergekit-moe config (Mixture of Experts): build it with `evomerge moe`"
             )
         try:
             return cls.model_validate(data, context={"where": where})
@@ -306,22 +326,7 @@ class Recipe(_Strict):
     @classmethod
     def from_yaml(cls, source: str | Path) -> "Recipe":
         """Read a recipe from a file (a Path, or a str naming an existing file) or from YAML text."""
-        is_path = isinstance(source, Path) or ("\n" not in source and os.path.isfile(source))
-        if not is_path and "\n" not in source and source.strip().endswith((".yml", ".yaml")):
-            raise InputError(source, "file", "not found")
-        where = str(source) if is_path else "<text>"
-        try:
-            text = Path(source).read_text() if is_path else source
-        except OSError as error:
-            raise InputError(where, "file", f"cannot be read ({error.strerror})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            line = f"line {mark.line + 1}" if mark else "yaml"
-            problem = " ".join(str(getattr(error, "problem", None) or error).split())
-            raise InputError(where, line, f"invalid YAML ({problem})") from None
-        return cls.from_dict(data, where)
+        return cls.from_dict(*read_yaml(source))
 
     def to_yaml(self) -> str:
         """Minimal mergekit YAML: only what the recipe sets, floats at full precision."""

@@ -43,10 +43,12 @@ def write_checkpoint(
     chat_template: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     tokenizer: Any = None,
+    recipe_file: str = "mergekit_config.yml",
 ) -> Path:
     """`chat_template`: Jinja text for the tokenizer, which is then rewritten through transformers, not copied.
     `tokenizer`: a built tokenizer (a tokenizer merge's) saved through transformers instead of `tokenizer_dir`'s
-    files; generation_config.json still comes from `tokenizer_dir`."""
+    files; generation_config.json still comes from `tokenizer_dir`. `recipe_file`: the name `recipe_yaml` is saved
+    under (mergekit-moe's is mergekit_moe_config.yml)."""
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -64,7 +66,7 @@ def write_checkpoint(
         for name in copied:
             if (tokenizer_dir / name).exists():
                 shutil.copy(tokenizer_dir / name, staging / name)
-        (staging / "mergekit_config.yml").write_text(recipe_yaml)
+        (staging / recipe_file).write_text(recipe_yaml)
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,6 +23,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_moe(args: argparse.Namespace) -> None:
+    from merge_core.moe import build_moe
+    from merge_core.moe_config import MoEConfig
+
+    config = MoEConfig.from_yaml(Path(args.config))
+    out = build_moe(
+        config,
+        args.out_dir,
+        device=args.device,
+        seed=args.seed,
+        allow_all_same=args.i_understand_this_is_not_useful_without_training,
+        shard_bytes=int(args.shard_size * 1024**2),
+    )
+    print(f"wrote {out}")
+
+
 def cmd_toy_family(args: argparse.Namespace) -> None:
     from evaluators.toy_family import build_family
     from search.progress import Progress
@@ -85,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="seed for random methods (DARE, DELLA)")
     merge.add_argument("--shard-size", type=float, default=5120, help="max shard size in MiB (default 5120)")
     merge.set_defaults(run=cmd_merge)
+
+    moe = commands.add_parser("moe", help="build a Mixtral Mixture of Experts from a mergekit-moe config into OUT_DIR")
+    moe.add_argument("config", help="mergekit-moe config (YAML)")
+    moe.add_argument("out_dir", help="output checkpoint directory (written atomically)")
+    moe.add_argument("--device", default="cpu", help="where gate_mode hidden runs the base model (default: cpu)")
+    moe.add_argument("--seed", type=int, default=0, help="seed for random gates and noise_scale (default 0)")
+    moe.add_argument("--shard-size", type=float, default=5120, help="max shard size in MiB (default 5120)")
+    moe.add_argument(
+        "--i-understand-this-is-not-useful-without-training",
+        action="store_true",
+        help="build even when every expert is the same model (as mergekit-moe's flag)",
+    )
+    moe.set_defaults(run=cmd_moe)
 
     run = commands.add_parser("run", help="run the merge-recipe search a search.yml describes")
     run.add_argument("config", help="search config (YAML)")
