@@ -21,8 +21,8 @@ from test_session import load_dir
 from transformers import AutoModelForCausalLM
 
 from merge_core.moe import build_moe
-from merge_core.moe_model import fused_layout as in_mergekit_layout  # mergekit 0.1.5 writes this layout
 from merge_core.moe_config import MoEConfig
+from merge_core.moe_model import fused_layout as in_mergekit_layout  # mergekit 0.1.5 writes this layout
 from search.cli import main
 
 # One process for every config: mergekit's imports cost more than its tiny builds.
