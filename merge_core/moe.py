@@ -67,9 +67,8 @@ class MoESources:
     def __init__(self, config: MoEConfig, *, device: str = "cpu", allow_all_same: bool = False):
         from transformers import AutoConfig
 
-        self.checkpoints = {ref: load(config, field, ref) for field, ref in source_fields(config)}
+        self.checkpoints = load_sources(config, allow_all_same)
         self.base = self.checkpoints[config.base_model]
-        check_sources(config, self.checkpoints, allow_all_same)
         self.base_config = AutoConfig.from_pretrained(self.base.path)
         self.out_dtype = DTYPES.get(config.dtype) or DTYPES.get(str(self.base_config.dtype).removeprefix("torch."))
         self.rows: dict[tuple, torch.Tensor] = {}  # expert_key -> its router row per layer, (layers, hidden)
@@ -101,6 +100,13 @@ class MoESources:
 def expert_key(expert: Expert) -> tuple:
     """What an expert's router row depends on in a prompt gate mode."""
     return expert.source_model, tuple(expert.positive_prompts or ()), tuple(expert.negative_prompts or ())
+
+
+def load_sources(config: MoEConfig, allow_all_same: bool = False) -> dict[str, Checkpoint]:
+    """Every model the config names, loaded lazily (headers only until a tensor is read) and checked."""
+    checkpoints = {ref: load(config, field, ref) for field, ref in source_fields(config)}
+    check_sources(config, checkpoints, allow_all_same)
+    return checkpoints
 
 
 def source_fields(config: MoEConfig) -> list[tuple[str, str]]:
