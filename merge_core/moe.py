@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from merge_core.errors import InputError
-from merge_core.moe_config import RANDOM_MODES, MoEConfig
+from merge_core.moe_config import RANDOM_MODES, Expert, MoEConfig
 from merge_core.recipe import DTYPES
 from merge_core.sources import Checkpoint, load_lazily
 from merge_core.writer import DEFAULT_SHARD_BYTES, write_checkpoint
@@ -44,33 +44,69 @@ def build_moe(
     """Write the MoE checkpoint to `out_dir` atomically. `seed` seeds the random gate modes and `noise_scale`
     (`mergekit-moe --random-seed N` draws the same numbers); `allow_all_same` builds experts that are all one
     model (mergekit's --i-understand-this-is-not-useful-without-training)."""
-    from transformers import AutoConfig, MixtralConfig
-
-    checkpoints = {ref: load(config, field, ref) for field, ref in source_fields(config)}
-    base = checkpoints[config.base_model]
-    check_sources(config, checkpoints, allow_all_same)
-    base_config = AutoConfig.from_pretrained(base.path)
-    out_dtype = DTYPES.get(config.dtype) or DTYPES.get(str(base_config.dtype).removeprefix("torch."))
+    sources = MoESources(config, device=device, allow_all_same=allow_all_same)
     generator = torch.Generator().manual_seed(seed)
-    routers = router_weights(config, base, generator, device)
+    routers = sources.routers(config, generator)
     warn_about_routers(config, routers)
-    settings = base_config.to_dict() | {
-        "architectures": ["MixtralForCausalLM"],
-        "num_local_experts": len(config.experts),
-        "num_experts_per_tok": config.experts_per_token,
-        "sliding_window": None,  # Llama attends to everything; a Mistral base's window is dropped, as mergekit does
-    }
-    if out_dtype is not None:
-        settings["dtype"] = str(out_dtype).removeprefix("torch.")
     return write_checkpoint(
         Path(out_dir),
-        moe_tensors(config, checkpoints, routers, out_dtype, generator),
-        config=MixtralConfig(**settings).to_diff_dict(),
-        tokenizer_dir=base.path,
+        moe_tensors(config, sources.checkpoints, routers, sources.out_dtype, generator),
+        config=sources.mixtral_config(config).to_diff_dict(),
+        tokenizer_dir=sources.base.path,
         recipe_yaml=config.to_yaml(),
         recipe_file="mergekit_moe_config.yml",
         shard_bytes=shard_bytes,
     )
+
+
+class MoESources:
+    """A config's models loaded (lazily) and checked, and its prompt routers computed, once: the prompts' forward
+    pass is the expensive part, and each expert's row depends only on its own prompts, so any config over a
+    subset of these experts (the MoE search's candidates) takes its rows from here, the same numbers."""
+
+    def __init__(self, config: MoEConfig, *, device: str = "cpu", allow_all_same: bool = False):
+        from transformers import AutoConfig
+
+        self.checkpoints = load_sources(config, allow_all_same)
+        self.base = self.checkpoints[config.base_model]
+        self.base_config = AutoConfig.from_pretrained(self.base.path)
+        self.out_dtype = DTYPES.get(config.dtype) or DTYPES.get(str(self.base_config.dtype).removeprefix("torch."))
+        self.rows: dict[tuple, torch.Tensor] = {}  # expert_key -> its router row per layer, (layers, hidden)
+        if config.gate_mode not in RANDOM_MODES:
+            routers = router_weights(config, self.base, torch.Generator(), device)  # prompt modes draw nothing
+            self.rows = {expert_key(e): routers[:, i] for i, e in enumerate(config.experts)}
+
+    def routers(self, config: MoEConfig, generator: torch.Generator) -> torch.Tensor:
+        """`config`'s routers (layers, experts, hidden): random modes draw them from `generator` as build_moe
+        does, prompt modes stack the rows computed once (an expert not among them is a KeyError)."""
+        if config.gate_mode in RANDOM_MODES:
+            return router_weights(config, self.base, generator, "cpu")
+        return torch.stack([self.rows[expert_key(expert)] for expert in config.experts], dim=1)
+
+    def mixtral_config(self, config: MoEConfig):
+        from transformers import MixtralConfig
+
+        settings = self.base_config.to_dict() | {
+            "architectures": ["MixtralForCausalLM"],
+            "num_local_experts": len(config.experts),
+            "num_experts_per_tok": config.experts_per_token,
+            "sliding_window": None,  # Llama attends to everything; a Mistral base's window is dropped, as mergekit does
+        }
+        if self.out_dtype is not None:
+            settings["dtype"] = str(self.out_dtype).removeprefix("torch.")
+        return MixtralConfig(**settings)
+
+
+def expert_key(expert: Expert) -> tuple:
+    """What an expert's router row depends on in a prompt gate mode."""
+    return expert.source_model, tuple(expert.positive_prompts or ()), tuple(expert.negative_prompts or ())
+
+
+def load_sources(config: MoEConfig, allow_all_same: bool = False) -> dict[str, Checkpoint]:
+    """Every model the config names, loaded lazily (headers only until a tensor is read) and checked."""
+    checkpoints = {ref: load(config, field, ref) for field, ref in source_fields(config)}
+    check_sources(config, checkpoints, allow_all_same)
+    return checkpoints
 
 
 def source_fields(config: MoEConfig) -> list[tuple[str, str]]:

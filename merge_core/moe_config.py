@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from merge_core.errors import FieldProblem, InputError, from_validation
 from merge_core.lora import split_lora
-from merge_core.recipe import DTypeName, ModelRef, read_yaml
+from merge_core.recipe import DTypeName, ModelRef, Recipe, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +115,14 @@ class MoEConfig(_Lenient):
     def from_yaml(cls, source: str | Path) -> "MoEConfig":
         """Read a config from a file (a Path, or a str naming an existing file) or from YAML text."""
         return cls.from_dict(*read_yaml(source))
+
+
+def read_candidate(text: str) -> Recipe | MoEConfig:
+    """A search candidate's YAML: a mergekit-moe config (genome.kind moe's candidates and plain MoE) where it
+    has experts, else a mergekit recipe (every other candidate, and the references beside them)."""
+    data, where = read_yaml(text)
+    return (
+        MoEConfig.from_dict(data, where)
+        if isinstance(data, dict) and "experts" in data
+        else Recipe.from_dict(data, where)
+    )

@@ -28,6 +28,7 @@ from evaluators.config import Bytes, EvalConfig, TaskSpec
 from merge_core.chat_template import check_chat_template
 from merge_core.errors import FieldProblem, InputError, from_validation, shown
 from merge_core.methods import METHODS, MergeMethod
+from merge_core.moe_config import MoEConfig
 from search.run_dir import RunDir
 
 SEARCHABLE_BY_DEFAULT = ("weight", "density", "t")
@@ -69,12 +70,12 @@ class ModelsConfig(Section):
     @field_validator("base", mode="before")
     @classmethod
     def _resolve_base(cls, value: Any, info: ValidationInfo) -> Any:
-        return _model_ref(value, info)
+        return _model_ref(value, _base_dir(info))
 
     @field_validator("fine_tunes", mode="before")
     @classmethod
     def _resolve_fine_tunes(cls, value: Any, info: ValidationInfo) -> Any:
-        return [_model_ref(ref, info) for ref in value] if isinstance(value, list) else value
+        return [_model_ref(ref, _base_dir(info)) for ref in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _distinct(self) -> Self:
@@ -86,12 +87,13 @@ class ModelsConfig(Section):
         return self
 
 
-def _model_ref(value: Any, info: ValidationInfo) -> Any:
-    """An explicit path ('./x', '../x', '/x', '~/x') or an existing relative directory is local; else a hub id."""
+def _model_ref(value: Any, base_dir: Path) -> Any:
+    """An explicit path ('./x', '../x', '/x', '~/x') or an existing relative directory (of `base_dir`) is local;
+    else a hub id."""
     if not isinstance(value, str) or not value.strip():
         return value  # strict str validation reports it
     explicit = value.startswith(("./", "../", "/", "~")) or value in (".", "..")
-    local = _resolve(value, info)
+    local = (base_dir / Path(value).expanduser()).resolve()
     if explicit and not local.exists():
         raise ValueError(f"expected an existing model directory, got {value!r} ({local} does not exist)")
     if explicit or local.exists():
@@ -153,15 +155,58 @@ class DataFlowConfig(Section):
         return self
 
 
-GenomeKind = Literal["ps", "dfs", "ps+dfs"]
+class MoESearchConfig(Section):
+    """The MoE genome (search/genome/moe.py): which experts of a mergekit-moe config are in, and each one's
+    residual_scale. The config gives the base, the experts, their prompts and the gate mode."""
+
+    # A mergekit-moe YAML (relative to this file), or the same mapping inline. Its relative model paths resolve
+    # against its own directory (inline: this file's), and candidates carry them resolved.
+    config: Path | dict[str, Any]
+    scale_bounds: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.5, 1.5]
+
+    _moe: MoEConfig = PrivateAttr()
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _resolve_config(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve(value, info) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _read(self, info: ValidationInfo) -> Self:
+        low, high = self.scale_bounds
+        if not 0 < low < high:
+            raise FieldProblem("scale_bounds", f"expected [lower, upper] with 0 < lower < upper, got {[low, high]}")
+        if isinstance(self.config, Path):  # its problems name its own file
+            moe, base_dir = MoEConfig.from_yaml(self.config), self.config.parent
+        else:
+            try:
+                moe, base_dir = MoEConfig.from_dict(self.config), _base_dir(info)
+            except InputError as error:
+                raise FieldProblem(f"config.{error.field}", error.expected) from None
+        data = moe.model_dump(mode="json", exclude_none=True)
+        data["base_model"] = _model_ref(moe.base_model, base_dir)
+        for expert in data["experts"]:
+            expert["source_model"] = _model_ref(expert["source_model"], base_dir)
+        self._moe = MoEConfig.from_dict(data, where=moe.where)
+        return self
+
+    @property
+    def moe(self) -> MoEConfig:
+        """The mergekit-moe config searched around, its local model paths resolved."""
+        return self._moe
+
+
+GenomeKind = Literal["ps", "dfs", "ps+dfs", "moe"]
 
 
 class GenomeConfig(Section):
     """What is searched: merge parameters per layer and module (kind ps, the default; see
-    search/genome/parameter_space.py), layer paths (dfs), or paths over a fixed merge and the sources (ps+dfs)."""
+    search/genome/parameter_space.py), layer paths (dfs), paths over a fixed merge and the sources (ps+dfs), or
+    the experts of a mixture of experts and their residual scales (moe)."""
 
     kind: GenomeKind = "ps"
     dfs: DataFlowConfig | None = None  # dfs / ps+dfs: the path genome (defaults when absent)
+    moe: MoESearchConfig | None = None  # moe: the mergekit-moe config searched around
     params: list[str] | None = None  # None: whichever of weight / density / t the method has and are not fixed
     bounds: dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]] = {}
     layer_granularity: int = Field(1, ge=1)
@@ -358,8 +403,10 @@ class TrackingConfig(Section):
 
 
 class SearchConfig(Section):
-    models: ModelsConfig
-    merge: MergeConfig
+    # Both None only with genome.kind moe, whose mergekit-moe config names the models and how they combine:
+    # models is then filled in from it (its base, and its experts' other models as the fine-tunes).
+    models: ModelsConfig | None = None
+    merge: MergeConfig | None = None
     objectives: list[TaskConfig] = Field(min_length=1)
     genome: GenomeConfig = GenomeConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -384,15 +431,29 @@ class SearchConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> Self:
-        if self.genome.kind == "ps":
-            if self.genome.dfs is not None:
-                raise FieldProblem("genome.dfs", "expected it only with genome.kind dfs or ps+dfs")
+        kind = self.genome.kind
+        if self.genome.dfs is not None and kind not in ("dfs", "ps+dfs"):
+            raise FieldProblem("genome.dfs", "expected it only with genome.kind dfs or ps+dfs")
+        if self.genome.moe is not None and kind != "moe":
+            raise FieldProblem("genome.moe", "expected it only with genome.kind moe")
+        if kind == "moe":
+            self._check_moe(info)
+        else:
+            for section in ("models", "merge"):
+                if getattr(self, section) is None:
+                    raise FieldProblem(section, f"expected a {section} section with genome.kind {kind}, got none")
+        if kind == "ps":
             self._check_method()
             self._check_genome()
-        else:
+        elif kind != "moe":
             self._check_data_flow()
         self._check_objectives()
-        if self.merge.chat_template and self.evaluation.backend == "vllm" and self.evaluation.apply_chat_template:
+        if (
+            self.merge
+            and self.merge.chat_template
+            and self.evaluation.backend == "vllm"
+            and self.evaluation.apply_chat_template
+        ):
             raise FieldProblem(
                 "merge.chat_template",
                 "expected none with evaluation.backend vllm and apply_chat_template (the engine keeps its model's "
@@ -423,23 +484,50 @@ class SearchConfig(Section):
                 f"expected passthrough with genome.kind {kind} (a layer path is exported as passthrough slices), "
                 f"got {self.merge.method!r}",
             )
-        if genome.params:
-            raise FieldProblem("genome.params", f"expected none with genome.kind {kind} (it searches layer paths)")
-        genome.params = []
-        if self.evaluation.backend != "hf":
-            raise FieldProblem(
-                "evaluation.backend",
-                f"expected hf with genome.kind {kind} (a vLLM engine's depth is fixed when it starts), "
-                f"got {self.evaluation.backend!r}",
-            )
-        if self.evaluation.dtype != "auto":
-            raise FieldProblem(
-                "evaluation.dtype",
-                f"expected auto with genome.kind {kind}: paths are scored on the sources' own tensors, uncast",
-            )
+        self._check_live_model(
+            "layer paths",
+            "a vLLM engine's depth is fixed when it starts",
+            "paths are scored on the sources' own tensors, uncast",
+        )
         if (kind == "ps+dfs") != (genome.dfs.stage1 is not None):
             expected = "the weight-space recipe (e.g. a finished search's best recipe)" if kind == "ps+dfs" else "none"
             raise FieldProblem("genome.dfs.stage1", f"expected {expected} with genome.kind {kind}")
+
+    def _check_live_model(self, searched: str, engine: str, dtype: str) -> None:
+        """dfs and moe candidates are models built in memory for transformers, not merges into a fixed model."""
+        kind, genome = self.genome.kind, self.genome
+        if genome.params or genome.bounds:
+            field = "genome.params" if genome.params else "genome.bounds"
+            raise FieldProblem(field, f"expected none with genome.kind {kind} (it searches {searched})")
+        genome.params = []
+        if self.evaluation.backend != "hf":
+            raise FieldProblem(
+                "evaluation.backend", f"expected hf with genome.kind {kind} ({engine}), got {self.evaluation.backend!r}"
+            )
+        if self.evaluation.dtype != "auto":
+            raise FieldProblem("evaluation.dtype", f"expected auto with genome.kind {kind}: {dtype}")
+
+    def _check_moe(self, info: ValidationInfo) -> None:
+        """The mergekit-moe config names the models and how they combine; the references are its parents."""
+        if self.genome.moe is None:
+            raise FieldProblem("genome.moe", "expected the mergekit-moe config to search (genome.moe.config), got none")
+        for section, field in (("models", "models"), ("merge", "merge.method")):
+            if getattr(self, section) is not None:
+                raise FieldProblem(
+                    field,
+                    "expected none with genome.kind moe (genome.moe.config names the models and how they combine)",
+                )
+        self._check_live_model(
+            "experts and their residual scales",
+            "an engine's experts are fixed when it starts",
+            "candidates are scored in the mergekit-moe config's dtype",
+        )
+        moe = self.genome.moe.moe
+        children = [e.source_model for e in moe.experts if e.source_model != moe.base_model]
+        if not children:
+            raise FieldProblem("genome.moe.config.experts", "expected an expert other than base_model, got none")
+        models = {"base": moe.base_model, "fine_tunes": list(dict.fromkeys(children))}
+        self.models = ModelsConfig.model_validate(models, context=info.context)
 
     def _check_method(self) -> None:
         name = self.merge.method

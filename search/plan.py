@@ -12,7 +12,7 @@ from search.config import BudgetConfig, SearchConfig
 from search.execution.preflight import preflight, worker_spec
 from search.execution.worker import HELDOUT, SEARCH, CandidateWorker, Job
 from search.fitness.rungs import Rungs
-from search.genome import Genome, PathGenome, make_genome
+from search.genome import Genome, MoEGenome, PathGenome, make_genome
 from search.genome.coarse import coarse_grid, knob_values
 from search.optimizers import advice, check_fits
 from search.results import baselines
@@ -75,10 +75,13 @@ def plan_search(config_path: Path) -> str:
     return "\n".join(lines)
 
 
-def start_line(config: SearchConfig, genome: Genome | PathGenome) -> str:
+STARTS = {"ps": "default recipe(s) of the method", "moe": "mergekit-moe config(s) as given"}
+
+
+def start_line(config: SearchConfig, genome: Genome | PathGenome | MoEGenome) -> str:
     """What is asked before the optimizer's own proposals."""
     defaults = len(genome.default_candidates()) if config.optimizer.warm_start else 0
-    starts = "path model(s)' own full-depth paths" if config.genome.kind != "ps" else "default recipe(s) of the method"
+    starts = STARTS.get(config.genome.kind, "path model(s)' own full-depth paths")
     said = f"the {defaults} {starts} first" if defaults else "the optimizer's own proposals"
     if not config.optimizer.coarse_to_fine:
         return said

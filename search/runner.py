@@ -30,9 +30,8 @@ from search.execution.worker import SEARCH, CandidateWorker, Job, JobResult
 from search.fitness import Objectives
 from search.fitness.rungs import RUNG_FITNESS, Rungs
 from search.fitness.score_cache import ScoreCache, combine, recipe_key
-from search.genome import make_genome
+from search.genome import make_genome, trial_line
 from search.genome.coarse import coarse_grid
-from search.genome.data_flow import path_line
 from search.optimizers import Optimizer, check_fits, make_optimizer
 from search.optimizers.base import FINISHED, INTERRUPTED, ITEMS
 from search.progress import Progress
@@ -63,7 +62,7 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO ('A new study created') is no progress
         self.optimizer: Optimizer = make_optimizer(config, self.genome, self.run_dir, resume)
         if not resume:
-            # A path genome has no one-knob grid: its coarse stage is the warm starts (whole-depth paths) alone.
+            # Path and MoE genomes have no one-knob grid: their coarse stage is the warm starts alone.
             weights = config.optimizer.coarse_to_fine and config.genome.kind == "ps"
             starts = coarse_grid(self.genome) if weights else []
             starts += self.genome.default_candidates() if config.optimizer.warm_start else []
@@ -107,7 +106,7 @@ class Search:
                 eval_s=0.0,
                 error="reason lost: the run was killed before logging this trial" if failed else None,
                 items=spent.get(trial.number),
-                path=self.path_line(self.run_dir.read_text(self.run_dir.trial_recipe(trial.number))),
+                path=trial_line(self.config, self.run_dir.read_text(self.run_dir.trial_recipe(trial.number))),
             )
 
     # -- the search phase -----------------------------------------------------------------------------------
@@ -259,16 +258,12 @@ class Search:
             fidelity=self.rungs.sizes[rung] if values and self.rungs.top else None,
             node=candidate.node or None,
             worker=candidate.worker or None,
-            path=self.path_line(candidate.recipe_yaml),
+            path=trial_line(self.config, candidate.recipe_yaml),
         )
         front = Front.of(self.completed(), self.objectives)
         self.progress(number, items, values, error, stopped_at, front)
         if values and not stopped_at:
             self.tracker.log_step(self.optimizer.n_done, front.best, front.hypervolume)
-
-    def path_line(self, recipe_yaml: str) -> str | None:
-        """A layer-path trial's path in one line; None for a parameter-space search (no recipe parsed)."""
-        return None if self.config.genome.kind == "ps" else path_line(recipe_yaml)
 
     def progress(
         self,

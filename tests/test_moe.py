@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from merge_core.moe import build_moe
 from merge_core.moe_config import MoEConfig
+from merge_core.moe_model import fused_layout as in_mergekit_layout  # mergekit 0.1.5 writes this layout
 from search.cli import main
 
 # One process for every config: mergekit's imports cost more than its tiny builds.
@@ -84,24 +85,6 @@ def built(tiny_family, tiny_tied_family, tmp_path_factory) -> dict[str, tuple[Pa
     result = subprocess.run([sys.executable, "-c", MERGEKIT_MOE, json.dumps(runs)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return outputs
-
-
-def in_mergekit_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our per-expert tensors stacked into transformers 5's fused names, which mergekit 0.1.5 writes:
-    gate_up_proj (experts, 2 x intermediate, hidden) is each expert's w1 over its w3, down_proj stacks the w2s."""
-    out = {name: tensor for name, tensor in tensors.items() if ".block_sparse_moe." not in name}
-    for name, router in tensors.items():
-        if not name.endswith("block_sparse_moe.gate.weight"):
-            continue
-        prefix = name.removesuffix(".block_sparse_moe.gate.weight")
-        w1, w2, w3 = (
-            [tensors[f"{prefix}.block_sparse_moe.experts.{i}.{weight}.weight"] for i in range(len(router))]
-            for weight in ("w1", "w2", "w3")
-        )
-        out[f"{prefix}.mlp.gate.weight"] = router
-        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(w1, w3, strict=True)])
-        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack(w2)
-    return out
 
 
 NAMES = list(configs({n: "" for n in ("base", "child0", "child1", "child2")}, {"base": "", "child0": "", "child1": ""}))

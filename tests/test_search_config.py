@@ -130,7 +130,7 @@ HOSTILE = [
     (
         "genome.granularity",
         2,
-        "genome.granularity: unknown key; expected one of: kind, dfs, params, bounds, layer_granularity,",
+        "genome.granularity: unknown key; expected one of: kind, dfs, moe, params, bounds, layer_granularity,",
     ),
     ("merge.method", "frankenmerge", "merge.method: expected one of breadcrumbs, breadcrumbs_ties, dare_linear,"),
     ("merge.method", "model_stock", "merge.method: expected one of breadcrumbs,"),  # nothing to search

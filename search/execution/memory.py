@@ -4,6 +4,7 @@ From safetensors headers and config.json only (merge_core.memory, evaluators.mem
 planned without loading it. Per worker, resident for the whole run:
     sources, casts, prepared    its MergeSession (merge_core/memory.py)
     live model                  the model candidates are written into, in the evaluation dtype
+    live MoE                    genome.kind moe: the Mixtral its candidates are built as (an upper bound)
 With the vLLM backend the sources live in the engine's worker, beside the engine: on a GPU the engine claims
 gpu_memory_utilization of it (its weights, KV cache and activations) in place of the live model; on CPU its
 weights plus evaluation.vllm.kv_cache_memory. Plus, while it scores, the evaluation workspace (an upper bound: a warning, never a refusal). Each worker
@@ -21,7 +22,7 @@ from merge_core.errors import InputError
 from merge_core.memory import session_bytes, tensor_bytes
 from merge_core.recipe import DTYPES
 from merge_core.sources import CheckpointInfo
-from search.config import SearchConfig
+from search.config import MergeConfig, SearchConfig
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,10 @@ def gb(size: int) -> str:
 
 
 def plan_memory(config: SearchConfig, infos: list[CheckpointInfo]) -> MemoryPlan:
-    method = config.merge.spec
-    merge_dtype = DTYPES.get(config.merge.dtype) if config.merge.dtype else None
+    # genome.kind moe has no merge section: its session only scores the parents, one-model linear merges
+    merge = config.merge or MergeConfig(method="linear")
+    method = merge.spec
+    merge_dtype = DTYPES.get(merge.dtype) if merge.dtype else None
     session = session_bytes(infos, method, merge_dtype, config.models.base)
     skeleton = infos[0]  # the base: the live model's architecture
     eval_dtype = DTYPES.get(config.evaluation.dtype)  # None for 'auto': the checkpoint's own
@@ -82,18 +85,28 @@ def plan_memory(config: SearchConfig, infos: list[CheckpointInfo]) -> MemoryPlan
         engine = {"vLLM engine": int(options.gpu_memory_utilization * has)}
     elif config.evaluation.backend == "vllm" and options.kv_cache_memory is not None:
         engine |= {"KV cache": options.kv_cache_memory}
-    # ps+dfs keeps its stage-1 merge resident beside the sources: one more model
-    stage1 = {"stage-1 merge": tensor_bytes(skeleton, merge_dtype)} if config.genome.kind == "ps+dfs" else {}
-    fast = {name: size for name, size in fast.items() if size} | stage1 | engine
-    lean = {"sources": session.sources, "one tensor's working set": session.largest_tensor, **stage1, **engine}
+    # ps+dfs keeps its stage-1 merge resident beside the sources: one more model; moe its live Mixtral
+    built = {"stage-1 merge": tensor_bytes(skeleton, merge_dtype)} if config.genome.kind == "ps+dfs" else {}
+    built |= moe_term(config, skeleton)
+    fast = {name: size for name, size in fast.items() if size} | built | engine
+    lean = {"sources": session.sources, "one tensor's working set": session.largest_tensor, **built, **engine}
     itemsize = (eval_dtype or Counter(skeleton.dtypes.values()).most_common(1)[0][0]).itemsize
     max_length = config.evaluation.model_args.get("max_length")
     scoring = workspace(skeleton.config, config.evaluation.batch_size, max_length, itemsize)
-    mode = config.merge.memory
+    mode = merge.memory
     if mode == "auto":  # lean only where it is needed: it recomputes per candidate what fast keeps
         mode = "lean" if has is not None and shared * sum(fast.values()) > has and session.largest_tensor else "fast"
     terms = lean if mode == "lean" else fast
     return MemoryPlan(mode == "lean", device, shared, terms, scoring, has)
+
+
+def moe_term(config: SearchConfig, skeleton: CheckpointInfo) -> dict[str, int]:
+    """genome.kind moe's live Mixtral, bounded above by a whole base-sized model per expert (each expert adds
+    only its MLPs) in the mergekit-moe config's dtype."""
+    if config.genome.kind != "moe":
+        return {}
+    moe = config.genome.moe.moe
+    return {"live MoE": len(moe.experts) * tensor_bytes(skeleton, DTYPES.get(moe.dtype) if moe.dtype else None)}
 
 
 def worker_device(config: SearchConfig) -> str:
@@ -166,6 +179,10 @@ ADVICE = {
         "genome.kind",
         "ps+dfs keeps its stage-1 merge resident beside the sources: genome.kind dfs searches paths over the "
         "sources alone",
+    ),
+    "live MoE": lambda c: (
+        "genome.moe.config",
+        "the candidate MoE of every expert: fewer experts, or a device with more memory",
     ),
     "live model": lambda c: (
         "evaluation.dtype",

@@ -15,6 +15,7 @@ from evaluators import Evaluator
 from merge_core import architecture
 from merge_core.errors import InputError
 from merge_core.layer_path import check_path_architecture
+from merge_core.moe import load_sources
 from merge_core.plan import plan_merge
 from merge_core.recipe import Recipe
 from merge_core.sources import check_compatible, read_info
@@ -36,6 +37,8 @@ class Preflight:
 
 def preflight(config: SearchConfig) -> Preflight:
     check_device(config)
+    if config.genome.kind == "moe":  # each source's type and MLP shapes, from headers: naming its file and field
+        load_sources(config.genome.moe.moe)
     infos = [read_info(ref) for ref in [config.models.base, *config.models.fine_tunes]]
     check_compatible(infos)
     if config.evaluation.backend == "vllm":
@@ -46,7 +49,7 @@ def preflight(config: SearchConfig) -> Preflight:
     memory = plan_memory(config, infos)
     check_memory(config, memory)
     names = list(infos[0].shapes)
-    if config.genome.kind != "ps":
+    if config.genome.kind in ("dfs", "ps+dfs"):
         check_path_architecture(names, config.where, "genome.kind")
     # The first rung's part: binding it checks the metric averages items, which rungs need (the same sizes).
     searched = Evaluator(config.eval_config(), config.search_parts()[0]).sizes()
@@ -146,5 +149,6 @@ def worker_spec(config: SearchConfig, memory: MemoryPlan) -> WorkerSpec:
         threads=max(1, (os.cpu_count() or 1) // config.execution.workers),
         trust_remote_code=config.trust_remote_code,
         stages=((STAGE1, stage1.to_yaml(), config.seed),) if stage1 else (),
-        chat_template=config.merge.chat_template,
+        chat_template=config.merge.chat_template if config.merge else None,
+        moe=config.genome.moe.moe.to_yaml() if config.genome.moe else None,
     )

@@ -1,5 +1,6 @@
 """The candidate worker: one per Ray actor. Sources, a live model and the evaluators are loaded once; each
-candidate then costs one in-memory merge written into the live model's weights, and one lm-eval pass."""
+candidate then costs one in-memory merge written into the live model's weights, and one lm-eval pass. Layer
+paths and MoE candidates get live models of their own (merge_core/path_model.py, merge_core/moe_model.py)."""
 
 import time
 from dataclasses import dataclass
@@ -10,6 +11,9 @@ from evaluators import EvalConfig, Evaluator, TaskSpec
 from merge_core import MergeSession, Recipe
 from merge_core.chat_template import template_text
 from merge_core.layer_path import LayerPath
+from merge_core.moe import MoESources
+from merge_core.moe_config import MoEConfig, read_candidate
+from merge_core.moe_model import MoEModel
 from merge_core.path_model import PathModel
 from merge_core.sources import resolve_model_dir
 
@@ -34,6 +38,7 @@ class WorkerSpec:
     # Merges kept resident as extra sources, (name, recipe YAML, seed): ps+dfs's stage 1, which paths read.
     stages: tuple[tuple[str, str, int], ...] = ()
     chat_template: str | None = None  # merge.chat_template: the evaluation tokenizer's template for every candidate
+    moe: str | None = None  # genome.kind moe: the mergekit-moe config (YAML) whose experts candidates choose from
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,8 @@ class CandidateWorker:
         self.live: tuple[str, int, object] | None = None
         self.paths: PathModel | None = None  # built on the first layer-path candidate
         self.path_lm = None
+        self.moe: MoEModel | None = None  # built on the first MoE candidate
+        self.moe_lm = None
         # 'auto' is resolved here, not by the driver: on a cluster the worker's node decides what it has
         if spec.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,7 +117,7 @@ class CandidateWorker:
         # The candidate already live (its next rung, or another split): its weights are in place.
         if self.live is None or self.live[:2] != (job.recipe_yaml, job.seed):
             self.live = None  # a merge that fails half way leaves no candidate live
-            lm = self._merge(Recipe.from_yaml(job.recipe_yaml), job.seed)
+            lm = self._merge(read_candidate(job.recipe_yaml), job.seed)
             self.live = (job.recipe_yaml, job.seed, lm)
         merged = time.perf_counter()
         scores = self.evaluators[job.split, job.part].evaluate(self.live[2])
@@ -121,8 +128,10 @@ class CandidateWorker:
             eval_s=time.perf_counter() - merged,
         )
 
-    def _merge(self, recipe: Recipe, seed: int):
+    def _merge(self, recipe: Recipe | MoEConfig, seed: int):
         """Make `recipe` the live candidate; returns the lm-eval model that now scores it."""
+        if isinstance(recipe, MoEConfig):
+            return self._build_moe(recipe, seed)
         if self.model is None:
             from evaluators.vllm_backend import swap_weights
 
@@ -142,3 +151,14 @@ class CandidateWorker:
             self.path_lm = hf_lm(self.paths.model, self.tokenizer, uncast)
         self.paths.build(path)
         return self.path_lm
+
+    def _build_moe(self, config: MoEConfig, seed: int):
+        """An MoE candidate is scored on a Mixtral built in memory from the sources loaded (and the prompt
+        routers computed) on the first one."""
+        from evaluators import hf_lm
+
+        if self.moe is None:
+            self.moe = MoEModel(MoESources(MoEConfig.from_yaml(self.spec.moe), device=self.device), self.device)
+        if self.moe.build(config, seed):  # a new model object: the wrapper must hold it
+            self.moe_lm = hf_lm(self.moe.model, self.tokenizer, self.spec.eval_config)
+        return self.moe_lm

@@ -1,5 +1,5 @@
 """`evomerge export`: best.yml's recipe, or a front member of a finished search, as mergekit YAML that
-`mergekit-yaml` reproduces."""
+`mergekit-yaml` reproduces (genome.kind moe: a mergekit-moe config that `evomerge moe` and mergekit-moe do)."""
 
 from pathlib import Path
 
@@ -7,6 +7,7 @@ import yaml
 
 from merge_core import Recipe
 from merge_core.errors import InputError
+from merge_core.moe_config import RANDOM_MODES, MoEConfig, read_candidate
 from search.genome.data_flow import STAGE1
 from search.results.summary import FrontMember, RunSummary, read_summary
 from search.run_dir import RunDir
@@ -15,9 +16,12 @@ from search.run_dir import RunDir
 def export_text(run: RunDir, recipe_yaml: str, seed: int, about: str = "evolved by evomerge") -> str:
     """The recipe under a header: what it is (`about`, one comment line per line) and how to reproduce it (the
     seed matters for DARE/DELLA). A layer path over a ps+dfs stage-1 merge is written as mergekit-multi's
-    two-document form: the stage-1 merge named `stage1`, then the path reading it by that name."""
-    recipe = Recipe.from_yaml(recipe_yaml)
+    two-document form: the stage-1 merge named `stage1`, then the path reading it by that name; an MoE
+    candidate as the mergekit-moe config it is."""
+    recipe = read_candidate(recipe_yaml)
     header = "".join(f"# {line}\n" for line in about.splitlines())
+    if isinstance(recipe, MoEConfig):
+        return f"{header}{moe_how(recipe, seed)}{recipe.to_yaml()}"
     if STAGE1 in recipe.model_refs():
         stage1 = Recipe.from_yaml(run.read_text(run.stage1)).model_copy(update={"name": STAGE1})
         seeded = f" --random-seed {seed}" if stage1.method.random else ""
@@ -28,6 +32,13 @@ def export_text(run: RunDir, recipe_yaml: str, seed: int, about: str = "evolved 
     else:
         how = "# reproduce: mergekit-yaml THIS_FILE OUT_DIR  (or evomerge merge THIS_FILE OUT_DIR)\n"
     return f"{header}{how}{recipe.to_yaml()}"
+
+
+def moe_how(config: MoEConfig, seed: int) -> str:
+    """How to rebuild an MoE candidate; the seed matters to random gate modes and noise_scale only."""
+    if config.gate_mode in RANDOM_MODES or any(expert.noise_scale is not None for expert in config.experts):
+        return f"# reproduce: evomerge moe THIS_FILE OUT_DIR --seed {seed}  (mergekit-moe THIS_FILE OUT_DIR --random-seed {seed})\n"
+    return "# reproduce: evomerge moe THIS_FILE OUT_DIR  (or mergekit-moe THIS_FILE OUT_DIR)\n"
 
 
 def best_text(run: RunDir, summary: RunSummary, seed: int) -> str:

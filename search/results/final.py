@@ -2,7 +2,7 @@
 
 The steps, in order (each a method, so a new report row or reference recipe has one obvious place):
 1. tune             every family of config baselines.tuned over its grid, and the parents, on the SEARCH split
-                    (ps+dfs: the stage-1 merge too, a reference the paths built on it must beat)
+                    (ps+dfs: the stage-1 merge too, a reference the paths built on it must beat; moe: the plain MoE)
 2. choose           the recommended evolved recipe: the front's best on the search split or, with a selection
                     split, the best there of the top_k by search fitness (select: one batch with the parents
                     and the tuned baselines, since the search items are the ones every optimizer step fitted)
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Protocol
 
 from merge_core import Recipe
+from merge_core.moe_config import read_candidate
 from search.config import SearchConfig
 from search.execution.worker import HELDOUT, SEARCH, SELECTION
 from search.fitness import Objectives
-from search.genome.data_flow import path_line
+from search.genome import trial_line
 from search.results import baselines
 from search.results.export import best_text
 from search.results.front import Front
@@ -46,6 +47,7 @@ from search.results.tracking import Tracker
 from search.run_dir import RunDir
 
 STAGE1_REFERENCE = "stage-1 merge"  # ps+dfs's weight merge, among the tuned references
+PLAIN_MOE_REFERENCE = "plain MoE"  # moe's config as given (every expert at its own scale), among them too
 
 
 class Scored(Protocol):
@@ -134,7 +136,10 @@ class FinalComparison:
         return {Path(model).name or model: baselines.parent(model) for model in models}
 
     def stage1(self) -> dict[str, Recipe]:
-        """ps+dfs: the stage-1 merge as the run started with it, by its reference name; otherwise none."""
+        """What the genome builds on, by its reference name: ps+dfs's stage-1 merge as the run started with it,
+        moe's mergekit-moe config as given; otherwise none."""
+        if self.config.genome.kind == "moe":
+            return {PLAIN_MOE_REFERENCE: self.config.genome.moe.moe}
         if self.config.genome.kind != "ps+dfs":
             return {}
         return {STAGE1_REFERENCE: Recipe.from_yaml(self.run_dir.read_text(self.run_dir.stage1))}
@@ -148,7 +153,7 @@ class FinalComparison:
         parents, stage1 = self.parents(), self.stage1()
         points = {name: recipe for grid in grids for name, recipe in grid.items()}
         fitness = self.fitness(self.evaluate(parents | stage1 | points, SEARCH))
-        # ps+dfs: the weight merge its paths build on is the reference they have to beat
+        # ps+dfs: the weight merge its paths build on is the reference they have to beat; moe: the plain MoE
         tuned = {name: (recipe, fitness[name]) for name, recipe in stage1.items() if name in fitness}
         for grid in grids:
             scored = [name for name in grid if name in fitness]
@@ -243,7 +248,7 @@ class FinalComparison:
         return entries
 
     def evolved_recipe(self, number: int) -> Recipe:
-        return Recipe.from_yaml(self.run_dir.read_text(self.run_dir.trial_recipe(number)))
+        return read_candidate(self.run_dir.read_text(self.run_dir.trial_recipe(number)))
 
     def score_heldout(self, entries: dict[str, tuple[str, Recipe]]) -> dict[str, Scored]:
         if not self.config.held_out.tasks:
@@ -329,14 +334,14 @@ class FinalComparison:
         splits = split_table(summary) if choice.split == SELECTION else None
         beside = f"\n# search, selection and held-out scores\n\n```\n{splits}\n```\n" if splits else ""
         run.write_text(run.report, f"# held-out comparison\n\n```\n{table}\n```\n{verdict}{beside}")
-        paths = self.config.genome.kind != "ps"  # front.csv gets each member's layer path
+        paths = self.config.genome.kind != "ps"  # front.csv gets each member's layer path (moe: its experts)
         recipes = {m.trial: run.read_text(run.trial_recipe(m.trial)) for m in summary.front}
         self.tracker.log_front(
             [
                 {
                     "trial": m.trial,
                     "recipe": recipes[m.trial],
-                    **({"path": path_line(recipes[m.trial])} if paths else {}),
+                    **({"path": trial_line(self.config, recipes[m.trial])} if paths else {}),
                     **m.search,
                     **{f"{SELECTION}.{task}": value for task, value in m.selection.items()},
                     **{f"{HELDOUT}.{task}": value for task, value in m.heldout.items()},
