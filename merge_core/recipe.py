@@ -53,6 +53,9 @@ def _tokenizer_source(raw: object) -> str:
     return _model_ref(raw)
 
 
+TokenizerSource = Annotated[str, PlainValidator(_tokenizer_source)]
+
+
 def _layer_range(raw: object) -> tuple[int, int]:
     if not (
         isinstance(raw, list | tuple)
@@ -185,7 +188,7 @@ class TokenizerSettings(_Strict):
     """mergekit's `tokenizer:` block: the output vocabulary (`source`), tokens to add or to fill from a chosen
     place, and a row count to round up to."""
 
-    source: Annotated[str, PlainValidator(_tokenizer_source)] = "union"
+    source: TokenizerSource = "union"
     tokens: dict[str, TokenSettings] | None = None
     pad_to_multiple_of: Annotated[int, Field(ge=1)] | None = None
 
@@ -230,7 +233,7 @@ class Recipe(_Strict):
     parameters: Parameters = None
     dtype: DTypeName | None = None
     out_dtype: DTypeName | None = None
-    tokenizer_source: Annotated[str, PlainValidator(_tokenizer_source)] | None = None
+    tokenizer_source: TokenizerSource | None = None
     tokenizer: TokenizerSettings | None = None
     chat_template: Annotated[str, PlainValidator(check_chat_template)] | None = None
 

@@ -29,6 +29,7 @@ from merge_core.chat_template import check_chat_template
 from merge_core.errors import FieldProblem, InputError, from_validation, shown
 from merge_core.methods import METHODS, MergeMethod
 from merge_core.moe_config import MoEConfig
+from merge_core.recipe import Recipe, TokenizerSettings, TokenizerSource
 from search.run_dir import RunDir
 
 SEARCHABLE_BY_DEFAULT = ("weight", "density", "t")
@@ -116,15 +117,60 @@ class MergeConfig(Section):
     # A mergekit chat_template (auto, chatml or Jinja text) every candidate recipe and the export carry; with
     # evaluation.apply_chat_template the candidates are also scored through it.
     chat_template: str | None = None
+    # mergekit's tokenizer_source / tokenizer: block, which every recipe the search builds carries (and so the
+    # export): what lets it merge models whose vocabularies differ. Model references resolve as models: do.
+    tokenizer_source: TokenizerSource | None = None
+    tokenizer: TokenizerSettings | None = None
 
     @field_validator("chat_template")
     @classmethod
     def _known_template(cls, value: str | None) -> str | None:
         return None if value is None else check_chat_template(value)
 
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _resolve_source(cls, value: Any, info: ValidationInfo) -> Any:
+        return value if value in ("base", "union") else _model_ref(value, _base_dir(info))
+
+    @field_validator("tokenizer", mode="before")
+    @classmethod
+    def _resolve_block(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, dict):
+            return value
+        block = dict(value)
+        if "source" in block:
+            block["source"] = cls._resolve_source(block["source"], info)
+        if isinstance(block.get("tokens"), dict):
+            block["tokens"] = {token: _resolve_token(entry, info) for token, entry in block["tokens"].items()}
+        return block
+
+    @property
+    def vocabulary_source(self) -> str | None:
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
+
+    def tokenizer_keys(self, base: str | None = None) -> dict:
+        """The tokenizer setting as recipe keys. `base`: the search's base model, for a recipe without a
+        base_model (the linear average), where `base` names its tokenizer directly."""
+        keys = self.model_dump(mode="json", include={"tokenizer_source", "tokenizer"}, exclude_none=True)
+        if base is None or self.vocabulary_source != "base":
+            return keys
+        if self.tokenizer is not None:
+            return keys | {"tokenizer": keys["tokenizer"] | {"source": base}}
+        return keys | {"tokenizer_source": base}
+
     @property
     def spec(self) -> MergeMethod:
         return METHODS[self.method]
+
+
+def _resolve_token(entry: Any, info: ValidationInfo) -> Any:
+    """A `tokenizer.tokens` entry with its model reference resolved (a string source, or model_token's model)."""
+    source = entry.get("source") if isinstance(entry, dict) else None
+    if isinstance(source, str):
+        return entry | {"source": _model_ref(source, _base_dir(info))}
+    if isinstance(source, dict) and isinstance(source.get("model"), str):
+        return entry | {"source": source | {"model": _model_ref(source["model"], _base_dir(info))}}
+    return entry
 
 
 class DataFlowConfig(Section):
@@ -448,6 +494,8 @@ class SearchConfig(Section):
         elif kind != "moe":
             self._check_data_flow()
         self._check_objectives()
+        if self.merge and self.merge.vocabulary_source:
+            self._check_tokenizer()
         if (
             self.merge
             and self.merge.chat_template
@@ -471,6 +519,29 @@ class SearchConfig(Section):
         if self.optimizer.seed is None:
             self.optimizer.seed = self.seed
         return self
+
+    def _check_tokenizer(self) -> None:
+        """A tokenizer setting is checked as the recipes will carry it, and only where the scoring can follow it."""
+        merge, models = self.merge, [self.models.base, *self.models.fine_tunes]
+        field = "merge.tokenizer.source" if merge.tokenizer else "merge.tokenizer_source"
+        if self.genome.kind != "ps":
+            raise FieldProblem(
+                field, f"expected none with genome.kind {self.genome.kind} (layer paths keep the sources' embeddings)"
+            )
+        if self.evaluation.backend == "vllm":
+            raise FieldProblem(
+                field, "expected none with evaluation.backend vllm (the engine keeps its model's vocabulary size)"
+            )
+        probe = {"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}} for ref in models]}
+        if merge.spec.base != "ignored":
+            probe["base_model"] = self.models.base
+        try:
+            Recipe.from_dict(probe | merge.tokenizer_keys())
+        except InputError as error:
+            raise FieldProblem(f"merge.{error.field}", error.expected) from None
+        source = merge.vocabulary_source
+        if source not in ("base", "union", *models):
+            raise FieldProblem(field, f"expected base, union or one of this search's models, got {source!r}")
 
     def _check_data_flow(self) -> None:
         """A path genome stacks layers (exported as passthrough slices) and evaluates the sources' own tensors."""

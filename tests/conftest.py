@@ -81,6 +81,36 @@ def make_tiny_family(
     return paths
 
 
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CHARS = 44  # the char tokenizer's size, which a vocabulary family's base vocab_size matches
+
+
+def with_tokens(source: str, target, special: list[str], plain: tuple[str, ...] = (), seed: int = 0) -> str:
+    """A copy of `source` with `special` and `plain` tokens added and its token-indexed tensors resized, the way
+    a fine-tune grows its vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.add_tokens(special, special_tokens=True)
+    tokenizer.add_tokens(list(plain))
+    model = AutoModelForCausalLM.from_pretrained(source)
+    torch.manual_seed(seed)  # transformers draws the new rows around the mean of the old ones
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def make_vocab_family(root) -> dict[str, str]:
+    """base and two fine-tunes whose vocabularies differ: `chat` adds the ChatML tokens, `tool` adds them and one
+    plain token more."""
+    f = make_tiny_family(root, tie_embeddings=False, children=2, layers=2, vocab=CHARS)
+    f["chat"] = with_tokens(f["child0"], root / "chat", CHATML_TOKENS, seed=1)
+    f["tool"] = with_tokens(f["child1"], root / "tool", CHATML_TOKENS, ("<tool>",), seed=2)
+    return {name: f[name] for name in ("base", "chat", "tool")}
+
+
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """base, child0..child2 with untied embeddings (lm_head is its own tensor)."""

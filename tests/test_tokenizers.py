@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_family
+from conftest import CHARS, make_tiny_family, make_vocab_family, with_tokens
 from test_session import load_dir, mergekit_merge
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -20,33 +20,14 @@ from merge_core import MergeSession, Recipe
 from merge_core.chat_template import CHATML
 from merge_core.errors import InputError
 
-CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
-CHARS = 44  # the char tokenizer's size, which the base's vocab_size matches
 # Written besides the tokenizer. mergekit drops generation_config.json (evomerge keeps it) and writes the recipe
 # as it was given (evomerge writes its own minimal YAML).
 NOT_TOKENIZER = {"config.json", "model.safetensors", "mergekit_config.yml", "generation_config.json"}
 
 
-def with_tokens(source: str, target: Path, special: list[str], plain: tuple[str, ...] = (), seed: int = 0) -> str:
-    """A copy of `source` with `special` and `plain` tokens added and its token-indexed tensors resized."""
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    tokenizer.add_tokens(special, special_tokens=True)
-    tokenizer.add_tokens(list(plain))
-    model = AutoModelForCausalLM.from_pretrained(source)
-    torch.manual_seed(seed)  # transformers draws the new rows around the mean of the old ones
-    model.resize_token_embeddings(len(tokenizer))
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return str(target)
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("vocab")
-    f = make_tiny_family(root, tie_embeddings=False, children=2, layers=2, vocab=CHARS)
-    f["chat"] = with_tokens(f["child0"], root / "chat", CHATML_TOKENS, seed=1)
-    f["tool"] = with_tokens(f["child1"], root / "tool", CHATML_TOKENS, ("<tool>",), seed=2)
-    return {name: f[name] for name in ("base", "chat", "tool")}
+    return make_vocab_family(tmp_path_factory.mktemp("vocab"))
 
 
 @pytest.fixture(scope="module")

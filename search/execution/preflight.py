@@ -18,7 +18,7 @@ from merge_core.layer_path import check_path_architecture
 from merge_core.moe import load_sources
 from merge_core.plan import plan_merge
 from merge_core.recipe import Recipe
-from merge_core.sources import check_compatible, read_info
+from merge_core.sources import CheckpointInfo, check_compatible, read_info
 from search.config import SearchConfig
 from search.execution.memory import MemoryPlan, check_memory, plan_memory
 from search.execution.worker import WorkerSpec
@@ -40,7 +40,10 @@ def preflight(config: SearchConfig) -> Preflight:
     if config.genome.kind == "moe":  # each source's type and MLP shapes, from headers: naming its file and field
         load_sources(config.genome.moe.moe)
     infos = [read_info(ref) for ref in [config.models.base, *config.models.fine_tunes]]
-    check_compatible(infos)
+    tokenized = config.genome.kind == "ps" and config.merge.vocabulary_source is not None
+    if config.genome.kind == "ps" and not tokenized:
+        check_vocabularies(config, infos)
+    check_compatible(infos, same_vocabulary=not tokenized)  # a tokenizer setting aligns the token axis
     if config.evaluation.backend == "vllm":
         from evaluators.vllm_backend import check_engine
 
@@ -84,6 +87,19 @@ def stage1_recipe(config: SearchConfig) -> Recipe | None:
             config.where, "genome.dfs.stage1", f"expected a merge of all {depth} layers, but {path} has {merged}"
         )
     return recipe
+
+
+def check_vocabularies(config: SearchConfig, infos: list[CheckpointInfo]) -> None:
+    """Without a tokenizer setting every recipe reads the sources' token rows as they are: their sizes must agree."""
+    base = infos[0]
+    for info in infos[1:]:
+        if info.vocab_size != base.vocab_size:
+            raise InputError(
+                config.where,
+                "merge.tokenizer_source",
+                f"expected one for models whose vocabularies differ: {info.ref} has vocab_size {info.vocab_size}, "
+                f"{base.ref} has {base.vocab_size} (set merge.tokenizer_source: union, base or one of the models)",
+            )
 
 
 def check_held_out(config: SearchConfig, searched: Sizes, held_out: Sizes) -> None:

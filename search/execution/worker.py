@@ -16,6 +16,7 @@ from merge_core.moe_config import MoEConfig, read_candidate
 from merge_core.moe_model import MoEModel
 from merge_core.path_model import PathModel
 from merge_core.sources import resolve_model_dir
+from merge_core.tokenizer_merge import VocabularySettings
 
 # Mixed into vLLM's engine workers so the merge runs where the engine's weights live.
 ENGINE_MERGE = "search.execution.engine_merge.EngineMerge"
@@ -102,15 +103,16 @@ class CandidateWorker:
         for name, recipe_yaml, seed in spec.stages:
             self.session.add_merged(name, Recipe.from_yaml(recipe_yaml), seed)
 
-        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
-        if spec.chat_template:  # what the exported merge's tokenizer will carry, so candidates are scored with it
-            dirs = [self.session.checkpoints[ref].path for ref in spec.models]
-            tokenizer.chat_template = template_text(spec.chat_template, dirs) or tokenizer.chat_template
+        self.tokenizer = self._templated(
+            AutoTokenizer.from_pretrained(skeleton, trust_remote_code=spec.trust_remote_code)
+        )
         self.model = AutoModelForCausalLM.from_pretrained(
             skeleton, dtype="auto", trust_remote_code=spec.trust_remote_code
         ).to(self.device)
         self.model.eval()
-        self.lm = hf_lm(self.model, tokenizer, spec.eval_config)
+        self.lm = hf_lm(self.model, self.tokenizer, spec.eval_config)
+        # lm-eval models over the live model, one per output vocabulary (None: the skeleton's), built once each
+        self.scorers: dict[VocabularySettings | str | None, object] = {None: self.lm}
 
     def run(self, job: Job) -> JobResult:
         start = time.perf_counter()
@@ -139,8 +141,9 @@ class CandidateWorker:
             return self.lm
         path = LayerPath.of(recipe)
         if path is None:
+            lm = self._scorer(recipe)
             self.session.apply(recipe, self.model, seed=seed)
-            return self.lm
+            return lm
         # A layer path is scored on a model whose layers are the sources' own: no merge, no copy.
         if self.paths is None:
             from evaluators import hf_lm
@@ -151,6 +154,40 @@ class CandidateWorker:
             self.path_lm = hf_lm(self.paths.model, self.tokenizer, uncast)
         self.paths.build(path)
         return self.path_lm
+
+    def _scorer(self, recipe: Recipe):
+        """The lm-eval model scoring `recipe`, with the live model sized to its output vocabulary: with a tokenizer
+        setting the merged vocabulary and tokenizer (what `evomerge merge` writes); without one the sources'
+        own, which a parent whose vocabulary differs from the skeleton's brings with it."""
+        from transformers import AutoTokenizer
+
+        from evaluators import hf_lm
+
+        settings = VocabularySettings.of(recipe)
+        donor = self.session.checkpoints[recipe.base_model or recipe.model_refs()[0]]
+        rows = self.session.checkpoints[self.spec.models[0]].vocab_size
+        vocabulary = settings and self.session.vocabulary(self.session.plan(recipe))
+        if vocabulary:
+            key, rows = settings, vocabulary.size
+        elif donor.vocab_size != rows:
+            key, rows = donor.ref, donor.vocab_size
+        else:
+            key = None
+        if self.model.get_input_embeddings().weight.shape[0] != rows:
+            self.model.resize_token_embeddings(rows, mean_resizing=False)  # apply() writes every row
+        if key not in self.scorers:
+            own = vocabulary and vocabulary.tokenizer
+            tokenizer = own or AutoTokenizer.from_pretrained(donor.path, trust_remote_code=self.spec.trust_remote_code)
+            self.scorers[key] = hf_lm(self.model, self._templated(tokenizer), self.spec.eval_config)
+        return self.scorers[key]
+
+    def _templated(self, tokenizer):
+        """`tokenizer` with merge.chat_template, which the exported merge's tokenizer will carry, so candidates
+        are scored through it."""
+        if self.spec.chat_template:
+            dirs = [self.session.checkpoints[ref].path for ref in self.spec.models]
+            tokenizer.chat_template = template_text(self.spec.chat_template, dirs) or tokenizer.chat_template
+        return tokenizer
 
     def _build_moe(self, config: MoEConfig, seed: int):
         """An MoE candidate is scored on a Mixtral built in memory from the sources loaded (and the prompt

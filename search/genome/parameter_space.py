@@ -199,7 +199,7 @@ class Genome:
             recipe["dtype"] = config.merge.dtype
         if config.merge.chat_template:
             recipe["chat_template"] = config.merge.chat_template
-        return recipe
+        return recipe | config.merge.tokenizer_keys()
 
     def decode(self, x: np.ndarray) -> Recipe:
         return Recipe.from_dict(self.recipe_dict(x), where=f"{self.config.where} (decoded genome)")

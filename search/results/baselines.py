@@ -2,14 +2,18 @@
 merges a user would tune by hand: one global knob or two per method, chosen on the SEARCH split.
 
 Parents are scored through the same merge path as candidates (a one-model linear merge is the parent, bit for
-bit), so every entry of the held-out table comes from the same code.
+bit), so every entry of the held-out table comes from the same code. A parent keeps its own vocabulary and
+tokenizer; the merges carry the search's tokenizer setting, as its candidates do.
 """
 
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import yaml
+
 from merge_core import Recipe
+from search.config import MergeConfig
 from search.genome.coarse import DENSITY_GRID
 
 # Every grid point costs one evaluation on the search split, so the grids stay small (the README states them).
@@ -73,4 +77,16 @@ def default_baselines(base: str, children: list[str]) -> dict[str, Recipe]:
     defaults = ((TIES, {"density": 0.5, "weight": 1.0}), (TASK_ARITHMETIC, {"lam": 1.0}))
     return {"linear average": linear_average(children)} | {
         family.name(knobs): family.recipe(base, children, knobs) for family, knobs in defaults
+    }
+
+
+def with_tokenizer(recipes: Mapping[str, Recipe], merge: MergeConfig | None, base: str) -> dict[str, Recipe]:
+    """`recipes` carrying the search's tokenizer setting (merge.tokenizer_source / merge.tokenizer), if any."""
+    if merge is None or merge.vocabulary_source is None:
+        return dict(recipes)
+    return {
+        name: Recipe.from_dict(
+            yaml.safe_load(recipe.to_yaml()) | merge.tokenizer_keys(None if recipe.base_model else base)
+        )
+        for name, recipe in recipes.items()
     }

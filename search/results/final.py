@@ -149,7 +149,10 @@ class FinalComparison:
         references without a selection split). Each family keeps its grid point of highest mean fitness; failed
         points drop out."""
         base, children = self.config.models.base, list(self.config.models.fine_tunes)
-        grids = [baselines.TUNED[name].candidates(base, children) for name in self.config.baselines.tuned]
+        grids = [
+            baselines.with_tokenizer(baselines.TUNED[name].candidates(base, children), self.config.merge, base)
+            for name in self.config.baselines.tuned
+        ]
         parents, stage1 = self.parents(), self.stage1()
         points = {name: recipe for grid in grids for name, recipe in grid.items()}
         fitness = self.fitness(self.evaluate(parents | stage1 | points, SEARCH))
@@ -239,7 +242,8 @@ class FinalComparison:
         recipe and the rest of the front."""
         base, children = self.config.models.base, list(self.config.models.fine_tunes)
         entries = {name: ("parent", recipe) for name, recipe in self.parents().items()}
-        entries |= {name: ("baseline", recipe) for name, recipe in baselines.default_baselines(base, children).items()}
+        defaults = baselines.with_tokenizer(baselines.default_baselines(base, children), self.config.merge, base)
+        entries |= {name: ("baseline", recipe) for name, recipe in defaults.items()}
         entries |= {name: ("baseline", recipe) for name, (recipe, _) in tuning.tuned.items()}
         # A selection split may recommend a trial off the front: it is compared on held-out like the front.
         shown = [] if choice.winner is None else dict.fromkeys([choice.winner, *front.members])
