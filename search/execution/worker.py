@@ -176,8 +176,11 @@ class CandidateWorker:
         if self.model.get_input_embeddings().weight.shape[0] != rows:
             self.model.resize_token_embeddings(rows, mean_resizing=False)  # apply() writes every row
         if key not in self.scorers:
-            own = vocabulary and vocabulary.tokenizer
-            tokenizer = own or AutoTokenizer.from_pretrained(donor.path, trust_remote_code=self.spec.trust_remote_code)
+            tokenizer = (
+                vocabulary.tokenizer
+                if vocabulary
+                else AutoTokenizer.from_pretrained(donor.path, trust_remote_code=self.spec.trust_remote_code)
+            )
             self.scorers[key] = hf_lm(self.model, self._templated(tokenizer), self.spec.eval_config)
         return self.scorers[key]
 
