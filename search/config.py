@@ -288,12 +288,13 @@ class OptimizerConfig(Section):
     coarse_to_fine: bool = False
     # CMA-ES only. diagonal: separable CMA-ES (Ros & Hansen 2008), a per-gene variance instead of a full
     # covariance: linear cost per generation and learning rates about (genes + 2) / 3 times larger, so it adapts
-    # within the few generations a search over hundreds of genes gets.
-    covariance: Literal["full", "diagonal"] = "full"
+    # within the few generations a search over many genes gets. auto: diagonal above DIAGONAL_ABOVE genes
+    # (search/optimizers/cma_es.py; experiments/RESULTS.md has the measurements).
+    covariance: Literal["auto", "full", "diagonal"] = "auto"
 
     @model_validator(mode="after")
     def _covariance_is_cma(self) -> Self:
-        if self.covariance != "full" and self.name != "cmaes":
+        if self.covariance != "auto" and self.name != "cmaes":
             raise FieldProblem("covariance", f"expected it only with name: cmaes, got it with name: {self.name}")
         return self
 

@@ -52,7 +52,11 @@ def test_plan_validates_times_and_projects_without_a_run_dir(toy_family, tmp_pat
     genes = 3 * 2 * (2 + 3 * layers)
     assert lines["genome"].startswith(f"genome        {genes} genes (ties: weight, density), {layers} layers")
     assert f"valid; 3 fine-tunes of {toy_family.base}" in lines["config"]
-    advice = f"cmaes ({genes} genes): CMA-ES adapts a full covariance; at {genes} genes gp would also fit"
+    advice = (
+        f"cmaes ({genes} genes): separable CMA-ES adapts a variance per gene (covariance auto: diagonal above 40 "
+        f"genes); at {genes} genes gp would also fit"
+    )
+    assert genes > 40
     assert lines["optimizer"] == f"optimizer     {advice}"
     assert "50 trials" in lines["budget"] and "projected" in lines
     # Four float32 sources, TIES' task vectors (float32) and ranks (int32) of three fine-tunes, the live model.

@@ -514,7 +514,10 @@ def test_advice_names_the_optimizer_the_genome_size_and_what_else_fits():
     assert (
         advice(small.config, small) == "cmaes (6 genes): CMA-ES adapts a full covariance; at 6 genes gp would also fit"
     )
-    assert advice(large.config, large) == f"cmaes ({large.dim} genes): CMA-ES adapts a full covariance"
+    assert advice(large.config, large) == (
+        f"cmaes ({large.dim} genes): separable CMA-ES adapts a variance per gene (covariance auto: diagonal above "
+        "40 genes)"
+    )
     assert advice(pareto.config, pareto) == "nsga2 (6 genes): NSGA-II evolves a Pareto front of the objectives"
     assert advice(make_genome("gp").config, make_genome("gp")) == (
         f"gp (6 genes): a GP models the genes jointly, sample-efficient on few trials; fits up to {gp.MAX_GENES} genes"
@@ -544,6 +547,15 @@ def test_separable_cma_improves_adapts_per_gene_and_resumes_exactly(tmp_path: Pa
         asked += [x for x, _ in run(optimizer, 1)]
     np.testing.assert_array_equal(asked, [x for x, _ in expected])
     assert "C" not in json.loads(optimizer.checkpoint.read_text())["strategy"]
+
+
+@pytest.mark.parametrize(("genes", "sampler"), [(40, "GaussFullSampler"), (42, "GaussStandardConstant")])
+def test_covariance_auto_is_full_up_to_40_genes_and_diagonal_above(tmp_path: Path, genes: int, sampler: str):
+    genome = genome_of(genes, "cmaes")
+    optimizer = make_optimizer(genome.config, genome, RunDir(tmp_path), resume=False)
+    assert genome.config.optimizer.covariance == "auto"
+    assert type(optimizer.state.es.sm).__name__ == sampler
+    assert json.loads(optimizer.checkpoint.read_text())["covariance"] == ("full" if genes == 40 else "diagonal")
 
 
 def test_resuming_with_another_covariance_is_refused(tmp_path: Path):

@@ -60,6 +60,10 @@ def advice(config: SearchConfig, genome: Genome) -> str:
     optimizers this genome is small enough for (the specialists worth trying on it)."""
     name, dim, several = config.optimizer.name, genome.dim, len(config.objectives) > 1
     line = f"{name} ({dim} genes): {OPTIMIZERS[name].why}"
+    if name == "cmaes" and cma_es.covariance(config.optimizer, dim) == "diagonal":
+        line = f"{name} ({dim} genes): separable CMA-ES adapts a variance per gene"
+        if config.optimizer.covariance == "auto":
+            line += f" (covariance auto: diagonal above {cma_es.DIAGONAL_ABOVE} genes)"
     if OPTIMIZERS[name].max_genes is not None:
         return f"{line}; fits up to {OPTIMIZERS[name].max_genes} genes"
     fitting = [

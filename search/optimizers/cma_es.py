@@ -13,8 +13,9 @@
   one-knob grid, search/genome/coarse.py, and the warm starts) are handed out first as a "coarse" generation
   that pycma is never told; once all are in, the strategy's mean moves to the best of them, as if it had
   been started there, and sampling begins. So stage 2 starts where the best one-knob merge ends.
-- Separable (optimizer.covariance: diagonal): pycma's CMA_diagonal, a variance per gene in sigma_vec and a
-  constant standard-normal sampler, so the state file holds no C, B, D (`_fields`).
+- Separable (optimizer.covariance: diagonal, and auto above DIAGONAL_ABOVE genes): pycma's CMA_diagonal, a
+  variance per gene in sigma_vec and a constant standard-normal sampler, so the state file holds no C, B, D
+  (`_fields`).
 - Determinism: pycma draws its normal samples from its `randn` option, by default numpy's global RNG; here
   it is the `randn` of the optimizer's own seeded RandomState, so the same seed gives the same asks whatever
   else uses np.random.
@@ -57,6 +58,11 @@ from search.config import OptimizerConfig
 from search.genome import Genome
 from search.optimizers.base import Optimizer, Trial
 from search.run_dir import write_atomically
+
+# covariance auto: full up to this many genes, diagonal above. Measured at an equal item budget of 60 candidates
+# (experiments/RESULTS.md): at 30 genes full was ahead on 3 of 3 families, at 66 diagonal was ahead on 3 of 3;
+# where between them the two cross is not measured.
+DIAGONAL_ABOVE = 40
 
 FORMAT = 1  # of the state file; bump when its meaning changes, so an old file is refused, not misread
 
@@ -231,7 +237,7 @@ class CmaEs(Optimizer):
         self.sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         self.sampler = study.sampler = GivenParams()
         self.checkpoint = Path(checkpoint)
-        self.covariance = options.covariance
+        self.covariance = covariance(options, genome.dim)
         self.state = self._fresh(options, seed)
         self.state.centred = not options.coarse_to_fine
         if self.checkpoint.exists():
@@ -365,7 +371,7 @@ class CmaEs(Optimizer):
             # CSA at every size: pycma would switch to TPA from 300 genes, which needs its pair of samples told
             # first and as given, and asynchronous workers return stragglers and warm starts in any order.
             "AdaptSigma": CMAAdaptSigmaCSA,
-            "CMA_diagonal": options.covariance == "diagonal",
+            "CMA_diagonal": self.covariance == "diagonal",
         }
         if options.popsize:
             settings["popsize"] = options.popsize
@@ -553,6 +559,12 @@ class CmaEs(Optimizer):
                 member.done = True
         self.state.stale = {n: m for n, m in self.state.stale.items() if n not in interrupted}
         self._tell_if_complete()
+
+
+def covariance(options: OptimizerConfig, genes: int) -> Literal["full", "diagonal"]:
+    if options.covariance != "auto":
+        return options.covariance
+    return "diagonal" if genes > DIAGONAL_ABOVE else "full"
 
 
 def build(study: optuna.Study, genome: Genome, options: OptimizerConfig, seed: int, state: Path) -> Optimizer:
